@@ -1,0 +1,3 @@
+"""instruct: the InstructGPT recipe on one machine."""
+
+__version__ = "0.1.0"

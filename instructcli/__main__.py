@@ -1,0 +1,3 @@
+from instructcli.cli import main
+
+main()

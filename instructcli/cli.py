@@ -1,0 +1,277 @@
+"""The `instruct` command: flags (+ optional TOML config) -> a config -> one stage function. Thin on purpose.
+
+torch and the stages are imported inside the commands, so `instruct --help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from instructcli import __version__
+from instructcli.errors import InstructError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="The InstructGPT recipe on one machine: sft -> rm -> ppo -> eval.")
+
+
+# ------------------------------------------------------------------------------------ --config TOML
+def _load_toml(ctx: click.Context, param: click.Parameter, value: Optional[str]):
+    """Eager: make the file's keys (top level and the [command] table) the defaults of this command's flags."""
+    if not value:
+        return value
+    import tomllib
+
+    try:
+        with open(value, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise InstructError(f"{value}: cannot read config: {e.strerror}", 2) from None
+    except tomllib.TOMLDecodeError as e:
+        raise InstructError(f"{value}: invalid TOML: {e}", 2) from None
+    table = {k: v for k, v in doc.items() if not isinstance(v, dict)}
+    table.update(doc.get(ctx.info_name, {}))
+    known = {p.name for p in ctx.command.params}
+    defaults = {}
+    for k, v in table.items():
+        name = k.replace("-", "_")
+        if name not in known or name in ("config", "print_config"):
+            raise InstructError(f"{value}: {k}: not an option of `instruct {ctx.info_name}`", 2)
+        defaults[name] = v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="TOML file of defaults (flags override).",
+                                                  is_eager=True, callback=_load_toml)]
+PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Show the resolved config as TOML and exit.")]
+
+# ---------------------------------------------------------------------------------- shared option types
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="default (embedded SmolLM2-135M-Instruct), hub id "
+                                       "(offline cache), local model dir, .gguf file, or a run dir.")]
+QuantOpt = Annotated[str, typer.Option(help="Base weights: none | 8bit | 4bit (bitsandbytes).")]
+DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU, else fp32).")]
+FullOpt = Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")]
+LoraROpt = Annotated[int, typer.Option(help="LoRA rank.")]
+LoraAlphaOpt = Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / rank).")]
+LoraDropoutOpt = Annotated[float, typer.Option(help="LoRA dropout.")]
+LoraTargetsOpt = Annotated[str, typer.Option(help="Modules to adapt: all-linear, or names like q_proj,v_proj.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own Python code to run.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info lines.")]
+SkipOpt = Annotated[bool, typer.Option("--skip-invalid", help="Skip and count invalid rows instead of stopping.")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed (runs are deterministic on CPU).")]
+
+
+def _check(name: str, value, choices) -> None:
+    if value not in choices:
+        raise InstructError(f"--{name}: expected one of {' | '.join(choices)}, got {value!r}", 2)
+
+
+def _build(cls, params: dict):
+    """Fill a config dataclass (and its nested ModelConfig/TrainConfig) from the command's parameters."""
+    from instructcli import config as C
+
+    kw = {}
+    nested = {"ModelConfig": C.ModelConfig, "TrainConfig": C.TrainConfig}
+    for f in fields(cls):
+        if f.type in nested:  # (annotations are strings: config.py uses postponed evaluation)
+            kw[f.name] = _build(nested[f.type], params)
+        elif f.name in params:
+            kw[f.name] = params[f.name]
+    return cls(**kw)
+
+
+def _positive(**values) -> None:
+    for k, v in values.items():
+        if v is not None and v <= 0:
+            raise InstructError(f"--{k.replace('_', '-')}: must be > 0, got {v}", 2)
+
+
+def _print_config(ctx: click.Context, params: dict) -> None:
+    """The resolved flags as TOML, ready to be saved and passed back with --config."""
+    lines = [f"[{ctx.info_name}]"]
+    for k, v in params.items():
+        if k in ("config", "print_config") or v is None:
+            continue
+        val = ("true" if v else "false") if isinstance(v, bool) else json.dumps(v) if isinstance(v, str) else repr(v)
+        lines.append(f"{k.replace('_', '-')} = {val}")
+    print("\n".join(lines))
+
+
+def _model_checks(p: dict) -> None:
+    _check("quant", p["quant"], ("none", "8bit", "4bit"))
+    _check("dtype", p["dtype"], ("auto", "float32", "bfloat16", "float16"))
+    if p.get("full") and p["quant"] != "none":
+        raise InstructError("--full needs --quant none (quantized weights cannot be trained)", 2)
+    _positive(lora_r=p["lora_r"], lora_alpha=p["lora_alpha"])
+
+
+# --------------------------------------------------------------------------------------------- sft
+@app.command(help="Supervised fine-tuning on demonstrations (loss on response tokens only).")
+def sft(
+    ctx: typer.Context,
+    data: Annotated[str, typer.Argument(help="Demonstrations JSONL ({prompt, response} or {messages}); - = stdin.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output run dir.")] = "runs/sft",
+    model: ModelOpt = "default",
+    quant: QuantOpt = "none",
+    dtype: DtypeOpt = "auto",
+    full: FullOpt = False,
+    lora_r: LoraROpt = 16,
+    lora_alpha: LoraAlphaOpt = 32,
+    lora_dropout: LoraDropoutOpt = 0.05,
+    lora_targets: LoraTargetsOpt = "all-linear",
+    trust_remote_code: TrustOpt = False,
+    epochs: Annotated[float, typer.Option(help="Passes over the training rows (ignored with --max-steps).")] = 1.0,
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps; 0 = use --epochs.")] = 0,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
+    schedule: Annotated[str, typer.Option(help="cosine | linear | constant, after warmup.")] = "cosine",
+    warmup: Annotated[float, typer.Option(help="Warmup as a fraction of the steps.")] = 0.05,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm.")] = 1.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Examples per micro-batch.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    eval_frac: Annotated[float, typer.Option(help="Share of rows held out for eval loss (0 = none).")] = 0.05,
+    eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (and at the end).")] = 50,
+    save_every: Annotated[int, typer.Option(help="Resumable checkpoint every N steps (0 = none).")] = 100,
+    keep_checkpoints: Annotated[int, typer.Option(help="How many recent checkpoints to keep.")] = 2,
+    log_every: Annotated[int, typer.Option(help="Write metrics.jsonl every N steps.")] = 1,
+    seed: SeedOpt = 0,
+    max_len: Annotated[int, typer.Option(help="Max tokens per example (prompt + response).")] = 512,
+    overflow: Annotated[str, typer.Option(help="Longer examples: truncate | drop | error.")] = "truncate",
+    skip_invalid: SkipOpt = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output dir.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")] = False,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
+):
+    p = dict(ctx.params)
+    _model_checks(p)
+    _check("schedule", schedule, ("cosine", "linear", "constant"))
+    _check("overflow", overflow, ("truncate", "drop", "error"))
+    _positive(batch_size=batch_size, grad_accum=grad_accum, max_len=max_len, epochs=epochs, lr=lr)
+    if not 0 <= eval_frac < 1:
+        raise InstructError(f"--eval-frac: must be in [0, 1), got {eval_frac}", 2)
+    if print_config:
+        return _print_config(ctx, p)
+    from instructcli import config as C, sft as stage
+
+    print(stage.train(_build(C.SFTConfig, p)))
+
+
+# ------------------------------------------------------------------------------------------ sample
+@app.command(help="Generate K responses per prompt (batched) as samples JSONL.")
+def sample(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Run dir, model dir, hub id, .gguf, or default.")] = "default",
+    prompts: Annotated[str, typer.Option("--prompts", "-p", help="Prompts JSONL; - = stdin.")] = "-",
+    out: Annotated[str, typer.Option("--out", "-o", help="Samples JSONL to write; - = stdout.")] = "-",
+    n: Annotated[int, typer.Option("-n", help="Samples per prompt (K).")] = 1,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Max tokens per response.")] = 128,
+    max_prompt_len: Annotated[int, typer.Option(help="Longer prompts keep their last tokens.")] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per generate call.")] = 8,
+    seed: SeedOpt = 0,
+    quant: QuantOpt = "none",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    skip_invalid: SkipOpt = False,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
+):
+    p = dict(ctx.params)
+    _check("quant", quant, ("none", "8bit", "4bit"))
+    _check("dtype", dtype, ("auto", "float32", "bfloat16", "float16"))
+    _positive(n=n, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_len=max_prompt_len)
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise InstructError("--temperature must be >= 0 and --top-p in (0, 1]", 2)
+    if print_config:
+        return _print_config(ctx, p)
+    from instructcli import config as C, sample as stage
+
+    cfg = C.SampleConfig(prompts=prompts, out=out, n=n, temperature=temperature, top_p=top_p,
+                         max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len, batch_size=batch_size,
+                         seed=seed, skip_invalid=skip_invalid, quiet=quiet,
+                         model=C.ModelConfig(model=model, quant=quant, dtype=dtype,
+                                             trust_remote_code=trust_remote_code))
+    count = stage.run(cfg)
+    if out != "-":
+        print(out)
+    else:
+        sys.stdout.flush()
+    from instructcli import console
+
+    console.log(f"sample: wrote {count} rows to {'stdout' if out == '-' else out}")
+
+
+# ------------------------------------------------------------------------------------------ export
+@app.command(help="Merge a run dir's adapter into its base: a plain transformers model dir (no peft needed).")
+def export(
+    run_dir: Annotated[str, typer.Argument(help="A run dir (sft, ppo).")],
+    out: Annotated[str, typer.Argument(help="New model dir to write.")],
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 for the saved weights.")] = "float32",
+):
+    _check("dtype", dtype, ("float32", "bfloat16", "float16"))
+    from instructcli import console, models
+
+    print(models.export_merged(run_dir, out, dtype, console.log))
+
+
+# --------------------------------------------------------------------------------------------- env
+@app.command(help="Versions, device, cache paths, and whether 8-bit/4-bit quantization works here (JSON).")
+def env():
+    from instructcli import models
+
+    info = {"versions": models.versions(), **models.environment()}
+    print(json.dumps(info, indent=2))
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False):
+    if version:
+        print(__version__)
+        raise typer.Exit(0)
+
+
+def main() -> None:
+    debug = os.environ.get("INSTRUCT_DEBUG") == "1"
+    try:
+        rc = app(standalone_mode=False)
+    except InstructError as e:
+        from instructcli import console
+
+        console.error(str(e))
+        rc = e.exit_code
+    except click.exceptions.ClickException as e:  # usage errors: exit 2
+        e.show()
+        rc = e.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        rc = 130
+    except BrokenPipeError:  # `instruct sample ... | head`
+        sys.stderr.close()
+        rc = 0
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback; INSTRUCT_DEBUG=1 shows it
+        if debug:
+            raise
+        from instructcli import console
+
+        msg = str(e).splitlines()[0] if str(e) else ""
+        if "out of memory" in msg.lower() or type(e).__name__ == "OutOfMemoryError":
+            console.error(f"out of memory: {msg}. Try a smaller --batch-size with more --grad-accum, or --quant 8bit")
+        else:
+            console.error(f"{type(e).__name__}: {msg} (INSTRUCT_DEBUG=1 shows the traceback)")
+        rc = 1
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Everything a person watches: messages and rich progress bars on stderr, metrics.jsonl on disk."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+_err = Console(stderr=True, highlight=False)
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+def log(msg: str) -> None:
+    """A progress/info line on stderr (stdout is for results)."""
+    if not _quiet:
+        _err.print(msg, markup=False)
+
+
+def warn(msg: str) -> None:
+    _err.print(f"warning: {msg}", markup=False, style="yellow")
+
+
+def error(msg: str) -> None:
+    _err.print(f"error: {msg}", markup=False, style="bold red", soft_wrap=True)
+
+
+class Bar:
+    """A rich progress bar with ETA and a live text field; silent when stderr is not a TTY or --quiet."""
+
+    def __init__(self, total: int, description: str, completed: int = 0):
+        self.enabled = not _quiet and _err.is_terminal
+        self.progress = None
+        if self.enabled:
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[info]}"), console=_err, transient=False)
+            self.task = self.progress.add_task(description, total=total, completed=completed, info="")
+
+    def __enter__(self):
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def update(self, advance: int = 1, info: str | None = None) -> None:
+        if self.progress:
+            kw = {"info": info} if info is not None else {}
+            self.progress.update(self.task, advance=advance, **kw)
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.stop()
+        return False
+
+
+class Metrics:
+    """Appends one JSON object per logged step to metrics.jsonl (flushed, so a crash keeps what was logged)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in row.items()}
+        self.f.write(json.dumps(clean) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def peak_memory_mb() -> float:
+    """Peak CUDA memory if a GPU is in use, else the process's peak RSS."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+    except ImportError:  # Windows
+        import psutil
+
+        return psutil.Process(os.getpid()).memory_info().peak_wset / 2**20
+
+
+def fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+class Interrupt:
+    """First Ctrl-C sets `requested` so the loop can finish its step and checkpoint; a second one stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+        warn("interrupted: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)")
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False

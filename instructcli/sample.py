@@ -1,0 +1,58 @@
+"""Batched generation: K samples per prompt, written as `samples` rows ready for `label`, `score` and `compare`."""
+
+from __future__ import annotations
+
+import torch
+
+from instructcli import console, data, models
+from instructcli.config import SampleConfig
+
+
+def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
+             max_new_tokens: int, device: str) -> list[list[list[int]]]:
+    """Left-padded batch generation; returns, per prompt, n lists of new token ids (up to and excluding EOS)."""
+    batch = {k: v.to(device) for k, v in data.collate_prompts(prompt_ids, tok.pad_token_id).items()}
+    kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, top_k=None, **kw)
+    new = out[:, batch["input_ids"].shape[1]:].tolist()
+    stops = {tok.eos_token_id, tok.pad_token_id} - {None}
+    cut = []
+    for seq in new:
+        end = next((i for i, x in enumerate(seq) if x in stops), len(seq))
+        cut.append(seq[:end])
+    return [cut[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+
+def run(cfg: SampleConfig) -> int:
+    mc = cfg.model
+    console.set_quiet(cfg.quiet)
+    prompts = data.load(cfg.prompts, "prompts", cfg.skip_invalid, console.warn)
+    source = models.resolve(mc.model, console.log)
+    tok = models.load_tokenizer(source, mc.trust_remote_code)
+    stats, encoded, kept = data.OverflowStats(), [], []
+    for p in prompts.records:
+        fitted = data.fit_length(data.encode_prompt(tok, p.messages), None, cfg.max_prompt_len, "truncate", stats,
+                                 f"{prompts.path}: id {p.id}", keep="end")
+        encoded.append(fitted[0])
+        kept.append(p)
+    if stats.truncated:
+        console.warn(f"{stats.truncated} prompts longer than --max-prompt-len {cfg.max_prompt_len} kept their end")
+    device = models.pick_device()
+    model = models.inference_model(source, mc, device)
+    console.log(f"sample: {len(kept)} prompts x {cfg.n} from {mc.model} on {device}")
+    with data.JsonlWriter(cfg.out) as out, console.Bar(len(kept), "sample") as bar:
+        for b in range(0, len(kept), cfg.batch_size):
+            torch.manual_seed(cfg.seed + b)  # each batch seeded on its own: output independent of earlier batches
+            outs = generate(model, tok, encoded[b:b + cfg.batch_size], cfg.n, cfg.temperature, cfg.top_p,
+                            cfg.max_new_tokens, device)
+            for p, seqs in zip(kept[b:b + cfg.batch_size], outs):
+                row = {"id": p.id, "prompt": p.prompt,
+                       "responses": [tok.decode(s, skip_special_tokens=True).strip() for s in seqs],
+                       "model": mc.model}
+                if len(p.messages) > 1:
+                    row["messages"] = p.messages
+                out.write(row)
+            bar.update(len(outs))
+    return len(kept)

@@ -1,0 +1,158 @@
+"""Stage 1, supervised fine-tuning: the loop in plain sight (nanoGPT style), loss on response tokens only."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from instructcli import console, data, models, rlhf
+from instructcli.config import SFTConfig, to_dict
+from instructcli.errors import InstructError
+
+MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
+
+
+def train(cfg: SFTConfig) -> Path:
+    t, mc = cfg.train, cfg.model
+    console.set_quiet(cfg.quiet)
+    run = models.RunDir(cfg.out, cfg.overwrite, cfg.resume)  # checks only; writes nothing yet
+
+    # 1. data: validate every row before anything is loaded or written
+    rows = data.load(cfg.data, "demonstrations", cfg.skip_invalid, console.warn)
+    source = models.resolve(mc.model, console.log)
+    tok = models.load_tokenizer(source, mc.trust_remote_code)
+    stats, examples = data.OverflowStats(), []
+    for i, rec in enumerate(rows.records):
+        ids, labels = data.encode_demonstration(tok, rec.messages)
+        fitted = data.fit_length(ids, labels, cfg.max_len, cfg.overflow, stats, f"{rows.path}: row {i + 1}")
+        if fitted:
+            examples.append(fitted)
+    console.log(f"data: {rows.rows} rows ({rows.skipped} invalid skipped); {stats.summary()}")
+    if not examples:
+        raise InstructError(f"{rows.path}: every example was dropped by --max-len {cfg.max_len}", 2)
+
+    # held-out split, fixed by the seed
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(t.seed)).tolist()
+    n_eval = min(len(examples) - 1, round(len(examples) * t.eval_frac)) if t.eval_frac > 0 else 0
+    eval_set = [examples[i] for i in order[:n_eval]]
+    train_set = [examples[i] for i in order[n_eval:]]
+
+    # 2. model and optimiser
+    models.seed_everything(t.seed)
+    device = models.pick_device()
+    model = models.trainable_model(source.as_base(), mc, device)  # a run dir given as --model is merged in
+    model.config.use_cache = False
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    per_step = t.batch_size * t.grad_accum
+    steps_per_epoch = math.ceil(len(train_set) / per_step)
+    total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    warmup = int(t.warmup * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: rlhf.lr_lambda(s, total, warmup, t.schedule))
+    console.log(f"sft: {len(train_set)} train / {len(eval_set)} eval examples, {total} steps of "
+                f"{t.batch_size}x{t.grad_accum}, {n_trainable:,} trainable parameters, {mc.quant} base on {device}")
+
+    start = 0
+    if cfg.resume:
+        state = run.load_checkpoint(model, optimizer, scheduler)
+        if state:
+            start = state["step"]
+            run.truncate_metrics(start)
+            console.log(f"resumed from step {start}")
+    run.create()
+    metrics = console.Metrics(run.metrics_path)
+
+    # a fixed permutation per epoch, so the data position is a pure function of the step (resumable)
+    perms: dict[int, list[int]] = {}
+
+    def example(k: int):
+        epoch, pos = divmod(k, len(train_set))
+        if epoch not in perms:
+            g = torch.Generator().manual_seed(t.seed * 1000 + epoch)
+            perms[epoch] = torch.randperm(len(train_set), generator=g).tolist()
+        return train_set[perms[epoch][pos]]
+
+    def evaluate() -> float:
+        model.eval()
+        loss_sum, n = 0.0, 0
+        with torch.no_grad():
+            for b in range(0, len(eval_set), t.batch_size):
+                batch = data.collate(eval_set[b:b + t.batch_size], tok.pad_token_id)
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits
+                s, c = rlhf.lm_loss_sum(logits, batch["labels"].to(device))
+                loss_sum, n = loss_sum + s.item(), n + c
+        model.train()
+        return loss_sum / max(n, 1)
+
+    # 3. the loop
+    model.train()
+    bad_steps, last = 0, {}
+    t0 = time.time()
+    with console.Interrupt() as interrupt, console.Bar(total, "sft", completed=start) as bar:
+        for step in range(start, total):
+            micro = [[example(step * per_step + j * t.batch_size + i) for i in range(t.batch_size)]
+                     for j in range(t.grad_accum)]
+            n_tokens = sum(sum(x != data.IGNORE_INDEX for x in ex[1][1:]) for mb in micro for ex in mb)
+            step_loss = 0.0
+            for mb in micro:
+                batch = {k: v.to(device) for k, v in data.collate(mb, tok.pad_token_id).items()}
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss_sum, _ = rlhf.lm_loss_sum(logits, batch["labels"])
+                loss = loss_sum / max(n_tokens, 1)
+                loss.backward()
+                step_loss += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)  # a NaN/inf step never reaches the weights
+                bad_steps += 1
+                console.warn(f"step {step + 1}: non-finite loss or gradient ({step_loss}, {grad_norm}); skipped")
+                if bad_steps >= MAX_BAD_STEPS:
+                    raise InstructError(f"{bad_steps} non-finite steps in a row; lower --lr or check the data "
+                                        f"(last good checkpoint in {run.ckpt_root})", 1)
+                continue
+            bad_steps = 0
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            last = {"step": done, "epoch": round(done * per_step / len(train_set), 4), "loss": step_loss,
+                    "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
+                    "tokens_per_s": n_tokens / max(time.time() - t0, 1e-9)}
+            t0 = time.time()
+            if t.eval_every and eval_set and (done % t.eval_every == 0 or done == total):
+                last["eval_loss"] = evaluate()
+            if done % t.log_every == 0 or done == total or "eval_loss" in last:
+                last["peak_mem_mb"] = round(console.peak_memory_mb(), 1)
+                metrics.write(last)
+            bar.update(1, f"loss {step_loss:.3f}" + (f" eval {last['eval_loss']:.3f}" if "eval_loss" in last else ""))
+            if (t.save_every and done % t.save_every == 0 and done < total) or (interrupt.requested and done < total):
+                run.save_checkpoint(done, model, optimizer, scheduler, {"tokens": n_tokens}, t.keep_checkpoints)
+            if interrupt.requested and done < total:
+                metrics.close()
+                console.log(f"stopped at step {done}; continue with the same command plus --resume")
+                raise KeyboardInterrupt
+    metrics.close()
+
+    # 4. save: adapter (or full weights) + tokenizer + manifest, renamed into place
+    final = {k: last[k] for k in ("step", "loss", "eval_loss") if k in last}
+    if "eval_loss" not in final and eval_set:
+        final["eval_loss"] = evaluate()
+    out = run.finish(model, tok, {
+        "stage": "sft",
+        "full": mc.full,
+        "base_model": models.base_info(source),
+        "parents": models.parents(source),
+        "data": {**rows.describe(), "overflow": vars(stats)},
+        "config": to_dict(cfg),
+        "metrics": final,
+    })
+    console.log(f"sft: done, {final}; saved to {out}")
+    return out
