@@ -97,7 +97,8 @@ def _positive(**values) -> None:
 def _print_config(ctx: click.Context, params: dict) -> None:
     """The resolved flags as TOML, ready to be saved and passed back with --config."""
     lines = [f"[{ctx.info_name}]"]
-    for k, v in params.items():
+    for k in (p.name for p in ctx.command.params):  # declared order, whatever order the flags came in
+        v = params.get(k)
         if k in ("config", "print_config") or v is None:
             continue
         val = ("true" if v else "false") if isinstance(v, bool) else json.dumps(v) if isinstance(v, str) else repr(v)

@@ -1,0 +1,149 @@
+"""sft end to end on the tiny model, through the real CLI entry point."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from instructcli import models
+
+ROWS = [
+    {"prompt": "What colour is the sky?", "response": "Blue."},
+    {"prompt": "Say hello.", "response": "Hello!"},
+    {"prompt": "Two plus two?", "response": "Four."},
+    {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Capital of France?"},
+                  {"role": "assistant", "content": "Paris."}]},
+]
+
+
+@pytest.fixture
+def demos(tmp_path):
+    return write_jsonl(tmp_path / "demos.jsonl", ROWS)
+
+
+def metrics(d):
+    return [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_overfits_a_handful_of_rows(cli, tiny_dir, demos, tmp_path):
+    out = tmp_path / "sft"
+    r = cli("sft", demos, "-o", out, "--model", tiny_dir, "--max-steps", 60, "-b", 4, "--lr", 1e-2,
+            "--full", "--eval-frac", 0, "--warmup", 0, "--schedule", "constant", "--save-every", 0, "-q")
+    assert r.code == 0, r
+    assert r.out.strip() == str(out)
+    m = metrics(out)
+    assert len(m) == 60 and m[0]["loss"] > 5.0
+    assert m[-1]["loss"] < 0.5, [x["loss"] for x in m[::10]]
+
+
+def test_sft_manifest_and_adapter_load_with_peft(cli, tiny_dir, demos, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "sft"
+    r = cli("sft", demos, "-o", out, "--model", tiny_dir, "--max-steps", 2, "-b", 2, "--eval-frac", 0.25, "-q")
+    assert r.code == 0, r
+    man = json.loads((out / "instruct.json").read_text())
+    assert man["format_version"] == 1 and man["stage"] == "sft" and man["full"] is False
+    assert man["base_model"]["source"] == str(tiny_dir) and len(man["base_model"]["fingerprint"]) == 16
+    assert man["data"]["rows"] == 4 and man["data"]["path"] == str(demos) and len(man["data"]["sha256"]) == 64
+    assert man["config"]["train"]["max_steps"] == 2 and man["config"]["model"]["lora_r"] == 16
+    assert set(man["metrics"]) == {"step", "loss", "eval_loss"} and man["metrics"]["step"] == 2
+    assert man["versions"]["torch"] == torch.__version__
+    assert not (tmp_path / "sft.partial").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    peft_model = PeftModel.from_pretrained(base, out)
+    assert any("lora_A" in n for n, _ in peft_model.named_parameters())
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(cli, tiny_dir, demos, tmp_path, monkeypatch):
+    args = ["--model", tiny_dir, "--max-steps", 6, "-b", 2, "--save-every", 2, "--eval-frac", 0,
+            "--lora-dropout", 0.1, "-q"]  # dropout: the RNG state must be restored too
+    assert cli("sft", demos, "-o", tmp_path / "a", *args).code == 0
+    original = models.RunDir.save_checkpoint
+
+    def crash_after_step_4(self, step, *a, **kw):
+        path = original(self, step, *a, **kw)
+        if step == 4:
+            raise KeyboardInterrupt  # killed right after the checkpoint was written
+        return path
+
+    monkeypatch.setattr(models.RunDir, "save_checkpoint", crash_after_step_4)
+    r = cli("sft", demos, "-o", tmp_path / "b", *args)
+    assert r.code == 130 and not (tmp_path / "b").exists() and (tmp_path / "b.partial/checkpoints/step-4").is_dir()
+    monkeypatch.setattr(models.RunDir, "save_checkpoint", original)
+    r = cli("sft", demos, "-o", tmp_path / "b", *args, "--resume")
+    assert r.code == 0, r
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [x["step"] for x in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5) and y["lr"] == pytest.approx(x["lr"])
+
+
+def test_refuses_non_empty_out_dir_unless_overwrite(cli, tiny_dir, demos, tmp_path):
+    out = tmp_path / "sft"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = cli("sft", demos, "-o", out, "--model", tiny_dir, "--max-steps", 1, "-q")
+    assert r.code == 2 and "not empty" in r.err and (out / "keep.txt").exists()
+    r = cli("sft", demos, "-o", out, "--model", tiny_dir, "--max-steps", 1, "-q", "--overwrite")
+    assert r.code == 0 and not (out / "keep.txt").exists() and (out / "instruct.json").exists()
+    r = cli("sft", demos, "-o", out, "--model", tiny_dir, "--max-steps", 1, "-q", "--resume")
+    assert r.code == 2 and "is complete" in r.err
+
+
+def test_bad_input_exit_2_and_nothing_written(cli, tiny_dir, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], {"prompt": "x", "response": ""}])
+    r = cli("sft", bad, "-o", tmp_path / "sft", "--model", tiny_dir)
+    assert r.code == 2
+    assert r.err.strip() == f"error: {bad}:2: response: empty string"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+    r = cli("sft", bad, "-o", tmp_path / "sft", "--model", tiny_dir, "--max-steps", 1, "--skip-invalid", "-q")
+    assert r.code == 0 and json.loads((tmp_path / "sft/instruct.json").read_text())["data"]["skipped"] == 1
+
+
+def test_overflow_error_and_drop(cli, tiny_dir, demos, tmp_path):
+    r = cli("sft", demos, "-o", tmp_path / "x", "--model", tiny_dir, "--max-len", 8, "--overflow", "error")
+    assert r.code == 2 and "longer than --max-len 8" in r.err and not (tmp_path / "x.partial").exists()
+    r = cli("sft", demos, "-o", tmp_path / "y", "--model", tiny_dir, "--max-len", 8, "--overflow", "drop")
+    assert r.code == 2 and "every example was dropped" in r.err
+
+
+def test_crash_during_save_leaves_no_output_dir(cli, tiny_dir, demos, tmp_path, monkeypatch):
+    def boom():
+        raise OSError("disk full")
+
+    monkeypatch.setattr(models, "versions", boom)  # fails inside finish(), after the weights are written
+    r = cli("sft", demos, "-o", tmp_path / "sft", "--model", tiny_dir, "--max-steps", 1, "-q")
+    assert r.code == 1 and "disk full" in r.err
+    assert not (tmp_path / "sft").exists()
+
+
+@pytest.mark.parametrize("quant", ["8bit", "4bit"])
+def test_quantized_lora_training_steps_on_cpu(tiny_dir, quant):
+    from instructcli.config import ModelConfig
+    from instructcli import data, rlhf
+    from transformers import AutoTokenizer
+
+    source = models.resolve(str(tiny_dir))
+    model = models.trainable_model(source, ModelConfig(model=str(tiny_dir), quant=quant, lora_r=4), "cpu")
+    dtypes = {p.dtype for n, p in model.named_parameters() if "q_proj.base_layer" in n}
+    assert dtypes == ({torch.int8} if quant == "8bit" else {torch.uint8})  # base really quantized
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    batch = data.collate([data.encode_demonstration(tok, [{"role": "user", "content": "hi"},
+                                                          {"role": "assistant", "content": "hello there"}])], 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.float32 for p in params)
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss, n = rlhf.lm_loss_sum(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item() / n)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert any(not torch.equal(a, b) for a, b in zip(before, params))
