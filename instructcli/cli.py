@@ -167,6 +167,92 @@ def sft(
     print(stage.train(_build(C.SFTConfig, p)))
 
 
+# ---------------------------------------------------------------------------------------------- rm
+@app.command(help="Train a reward model on rankings (K-way or pairwise), normalised so references score 0.")
+def rm(
+    ctx: typer.Context,
+    data: Annotated[str, typer.Argument(help="Comparisons JSONL (K-way responses+ranks, or chosen/rejected).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output run dir.")] = "runs/rm",
+    from_dir: Annotated[Optional[str], typer.Option("--from", help="Start from this sft run dir (merged into "
+                                                    "the base), as the paper does.")] = None,
+    model: ModelOpt = "default",
+    quant: QuantOpt = "none",
+    dtype: DtypeOpt = "auto",
+    lora_r: LoraROpt = 16,
+    lora_alpha: LoraAlphaOpt = 32,
+    lora_dropout: LoraDropoutOpt = 0.05,
+    lora_targets: LoraTargetsOpt = "all-linear",
+    trust_remote_code: TrustOpt = False,
+    epochs: Annotated[float, typer.Option(help="Passes over the training prompts (the paper: 1).")] = 1.0,
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps; 0 = use --epochs.")] = 0,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-4,
+    schedule: Annotated[str, typer.Option(help="cosine | linear | constant, after warmup.")] = "cosine",
+    warmup: Annotated[float, typer.Option(help="Warmup as a fraction of the steps.")] = 0.05,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm.")] = 1.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts (each with all K responses) "
+                                            "per micro-batch.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    eval_frac: Annotated[float, typer.Option(help="Share of prompts held out for accuracy (0 = none).")] = 0.1,
+    eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (and at the end).")] = 20,
+    save_every: Annotated[int, typer.Option(help="Resumable checkpoint every N steps (0 = none).")] = 100,
+    keep_checkpoints: Annotated[int, typer.Option(help="How many recent checkpoints to keep.")] = 2,
+    log_every: Annotated[int, typer.Option(help="Write metrics.jsonl every N steps.")] = 1,
+    seed: SeedOpt = 0,
+    max_len: Annotated[int, typer.Option(help="Max tokens per prompt + response.")] = 512,
+    overflow: Annotated[str, typer.Option(help="Longer examples: truncate | drop | error.")] = "truncate",
+    norm_data: Annotated[str, typer.Option(help="Demonstrations JSONL that should score 0 on average "
+                                           "(default: the best-ranked training responses).")] = "",
+    skip_invalid: SkipOpt = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output dir.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")] = False,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
+):
+    p = dict(ctx.params)
+    if from_dir and model != "default":
+        raise InstructError("give --from (an sft run dir) or --model, not both", 2)
+    p["model"] = from_dir or model
+    p["full"] = False
+    _model_checks(p)
+    _check("schedule", schedule, ("cosine", "linear", "constant"))
+    _check("overflow", overflow, ("truncate", "drop", "error"))
+    _positive(batch_size=batch_size, grad_accum=grad_accum, max_len=max_len, epochs=epochs, lr=lr)
+    if not 0 <= eval_frac < 1:
+        raise InstructError(f"--eval-frac: must be in [0, 1), got {eval_frac}", 2)
+    if print_config:
+        return _print_config(ctx, dict(ctx.params))
+    from instructcli import config as C, rm as stage
+
+    print(stage.train(_build(C.RMConfig, p)))
+
+
+@app.command(help="Add normalised reward-model scores to samples rows (one per response).")
+def score(
+    reward: Annotated[str, typer.Argument(help="An rm run dir.")],
+    samples: Annotated[str, typer.Argument(help="Samples JSONL (output of sample); - = stdin.")] = "-",
+    out: Annotated[str, typer.Option("--out", "-o", help="Scored samples JSONL; - = stdout.")] = "-",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Responses per forward.")] = 16,
+    max_len: Annotated[int, typer.Option(help="Max tokens per prompt + response (longer: end cut).")] = 1024,
+    quant: QuantOpt = "none",
+    dtype: DtypeOpt = "auto",
+    skip_invalid: SkipOpt = False,
+    quiet: QuietOpt = False,
+):
+    _check("quant", quant, ("none", "8bit", "4bit"))
+    _positive(batch_size=batch_size, max_len=max_len)
+    from instructcli import config as C, rm as stage
+
+    n = stage.score(C.ScoreConfig(reward=reward, samples=samples, out=out, quant=quant, dtype=dtype,
+                                  batch_size=batch_size, max_len=max_len, skip_invalid=skip_invalid, quiet=quiet))
+    if out != "-":
+        print(out)
+    from instructcli import console
+
+    console.log(f"score: scored {n} rows")
+
+
 # ------------------------------------------------------------------------------------------ sample
 @app.command(help="Generate K responses per prompt (batched) as samples JSONL.")
 def sample(

@@ -57,6 +57,35 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
+class RMConfig:
+    data: str
+    out: str
+    model: ModelConfig = field(default_factory=ModelConfig)  # model.model = the --from run dir or --model
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, batch_size=4, epochs=1.0,
+                                                                   eval_frac=0.1, eval_every=20))
+    norm_data: str = ""  # demonstrations scored 0 on average; "" = the best-ranked responses of the training set
+    max_len: int = 512
+    overflow: str = "truncate"
+    skip_invalid: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    reward: str
+    samples: str
+    out: str
+    quant: str = "none"
+    dtype: str = "auto"
+    batch_size: int = 16
+    max_len: int = 1024
+    skip_invalid: bool = False
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
 class SampleConfig:
     prompts: str
     out: str

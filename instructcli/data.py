@@ -392,14 +392,18 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     }
 
 
-def collate_prompts(prompts: list[list[int]], pad_id: int):
-    """Left-padded prompt batch for generation, so every row's next token sits in the last column."""
+def collate_sequences(seqs: list[list[int]], pad_id: int, side: str = "right"):
+    """input_ids + attention_mask. Left padding for generation, so every row's next token is in the last column."""
     import torch
 
     return {
-        "input_ids": torch.tensor(pad(prompts, pad_id, "left")),
-        "attention_mask": torch.tensor(pad([[1] * len(s) for s in prompts], 0, "left")),
+        "input_ids": torch.tensor(pad(seqs, pad_id, side)),
+        "attention_mask": torch.tensor(pad([[1] * len(s) for s in seqs], 0, side)),
     }
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int):
+    return collate_sequences(prompts, pad_id, "left")
 
 
 def is_finite_number(x: Any) -> bool:
@@ -440,3 +444,30 @@ class JsonlWriter:
         else:
             os.unlink(self.tmp)
         return False
+
+
+# ------------------------------------------------------------------------------------ split and order
+def split(n: int, eval_frac: float, seed: int) -> tuple[list[int], list[int]]:
+    """Held-out split fixed by the seed: (train indices, eval indices); eval never takes every row."""
+    import torch
+
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = min(n - 1, round(n * eval_frac)) if eval_frac > 0 else 0
+    return order[n_eval:], order[:n_eval]
+
+
+class EpochOrder:
+    """A fixed shuffle per epoch, so the k-th example drawn is a pure function of (seed, k): resuming at a
+    step needs no saved data-loader state."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.perms = n, seed, {}
+
+    def __getitem__(self, k: int) -> int:
+        import torch
+
+        epoch, pos = divmod(k, self.n)
+        if epoch not in self.perms:
+            g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            self.perms[epoch] = torch.randperm(self.n, generator=g).tolist()
+        return self.perms[epoch][pos]

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from instructcli import __version__
 from instructcli.config import ModelConfig
 from instructcli.errors import InstructError
@@ -275,10 +277,17 @@ def base_info(source: Source) -> dict:
             "fingerprint": fingerprint(source)}
 
 
-def parents(source: Source) -> list[dict]:
+def lineage(source: Source) -> dict:
+    """Manifest entries of a run trained on `source.as_base()`: the raw base, the run dirs merged into it (in
+    order; loading this run merges them again), and those parents' hashes."""
+    merged = source.as_base().merged if not (source.manifest or {}).get("full") else ()
     dirs = list(source.merged) + ([source.run_dir] if source.run_dir else [])
-    return [{"dir": str(Path(d).resolve()), "hash": dir_hash(d), "stage": read_manifest(d).get("stage")}
-            for d in dirs]
+    return {
+        "base_model": base_info(source),
+        "merged": [str(Path(d).resolve()) for d in merged],
+        "parents": [{"dir": str(Path(d).resolve()), "hash": dir_hash(d), "stage": read_manifest(d).get("stage")}
+                    for d in dirs],
+    }
 
 
 def lora_config(mc: ModelConfig):
@@ -575,3 +584,73 @@ def environment() -> dict:
         "quant_8bit": quant_works("8bit", device),
         "quant_4bit": quant_works("4bit", device),
     }
+
+
+# ---------------------------------------------------------------------------------- reward model
+SCORE_HEAD = "score_head.safetensors"
+
+
+class RewardModel(torch.nn.Module):
+    """A causal LM (with its LoRA adapter) read at the last token of each sequence by a scalar head.
+
+    The LM head is never computed: the decoder's hidden states go straight to the score head.
+    `bias` is the normalisation fitted after training (reference demonstrations score 0 on average).
+    """
+
+    def __init__(self, lm, hidden_size: int):
+        super().__init__()
+        self.lm = lm
+        self.head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.normal_(self.head.weight, std=1 / (hidden_size + 1) ** 0.5)
+        torch.nn.init.zeros_(self.head.bias)
+        self.bias = 0.0
+
+    def forward(self, input_ids, attention_mask):
+        from instructcli.rlhf import last_token_index
+
+        decoder = self.lm.get_base_model().get_decoder() if hasattr(self.lm, "get_base_model") \
+            else self.lm.get_decoder()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = hidden[torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)]
+        return self.head(last.float()).squeeze(-1)
+
+    def score(self, input_ids, attention_mask):
+        """Normalised rewards: the raw score minus the fitted bias."""
+        return self.forward(input_ids, attention_mask) - self.bias
+
+    def save_pretrained(self, path) -> None:
+        from safetensors.torch import save_file
+
+        self.lm.save_pretrained(path)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                  str(Path(path) / SCORE_HEAD))
+
+
+
+def new_reward_model(source: Source, mc: ModelConfig, device: str):
+    """Base (+ LoRA) + a fresh scalar head, to train."""
+    lm = trainable_model(source, mc, device)
+    lm.config.use_cache = False
+    rm = RewardModel(lm, lm.config.hidden_size).to(device)
+    return rm
+
+
+def load_reward_model(spec: str, mc: ModelConfig, device: str, log=None):
+    """An RM run dir ready to score: (model in eval mode, tokenizer, manifest). Refuses other stages' dirs."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    source = resolve(spec, log)
+    if not source.run_dir or (source.manifest or {}).get("stage") != "rm":
+        stage = (source.manifest or {}).get("stage", "a plain model")
+        raise InstructError(f"{spec}: not a reward model run dir (it is {stage}); train one with `instruct rm`", 2)
+    base = load_base(Source(source.spec, source.base, merged=source.merged), mc, device)
+    lm = PeftModel.from_pretrained(base, source.run_dir)
+    rm = RewardModel(lm, base.config.hidden_size)
+    try:
+        rm.head.load_state_dict(load_file(str(Path(source.run_dir) / SCORE_HEAD)))
+    except (OSError, RuntimeError) as e:
+        raise InstructError(f"{spec}: bad {SCORE_HEAD}: {e}", 2) from None
+    rm.bias = float(source.manifest.get("reward_norm", {}).get("bias", 0.0))
+    rm.to(device).eval()
+    return rm, load_tokenizer(source, mc.trust_remote_code), source.manifest

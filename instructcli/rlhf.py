@@ -37,3 +37,26 @@ def lr_lambda(step: int, total: int, warmup: int, schedule: str) -> float:
     if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token, under left or right padding."""
+    width = attention_mask.size(1)
+    return width - 1 - attention_mask.flip(-1).int().argmax(-1)
+
+
+def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The paper's RM loss for a batch of prompts with K responses each (padded with rank 0).
+
+    rewards, ranks: (B, K); rank 1 = best, equal ranks are ties (no pair), 0 = padding. Per prompt, the mean over
+    its C(K,2) ordered pairs of -log sigmoid(r_better - r_worse); then the mean over prompts, so each prompt is
+    one batch element whatever its K. Returns (loss, pairwise accuracy, number of pairs).
+    """
+    valid = ranks > 0
+    better = (ranks[:, :, None] < ranks[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    diff = rewards[:, :, None] - rewards[:, None, :]
+    pairs = better.sum((1, 2))
+    per_prompt = (-F.logsigmoid(diff) * better).sum((1, 2)) / pairs.clamp(min=1)
+    n = pairs.sum()
+    acc = ((diff > 0) & better).sum() / n.clamp(min=1)
+    return per_prompt[pairs > 0].mean(), acc, n

@@ -35,10 +35,8 @@ def train(cfg: SFTConfig) -> Path:
         raise InstructError(f"{rows.path}: every example was dropped by --max-len {cfg.max_len}", 2)
 
     # held-out split, fixed by the seed
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(t.seed)).tolist()
-    n_eval = min(len(examples) - 1, round(len(examples) * t.eval_frac)) if t.eval_frac > 0 else 0
-    eval_set = [examples[i] for i in order[:n_eval]]
-    train_set = [examples[i] for i in order[n_eval:]]
+    train_idx, eval_idx = data.split(len(examples), t.eval_frac, t.seed)
+    train_set, eval_set = [examples[i] for i in train_idx], [examples[i] for i in eval_idx]
 
     # 2. model and optimiser
     models.seed_everything(t.seed)
@@ -67,15 +65,7 @@ def train(cfg: SFTConfig) -> Path:
     run.create()
     metrics = console.Metrics(run.metrics_path)
 
-    # a fixed permutation per epoch, so the data position is a pure function of the step (resumable)
-    perms: dict[int, list[int]] = {}
-
-    def example(k: int):
-        epoch, pos = divmod(k, len(train_set))
-        if epoch not in perms:
-            g = torch.Generator().manual_seed(t.seed * 1000 + epoch)
-            perms[epoch] = torch.randperm(len(train_set), generator=g).tolist()
-        return train_set[perms[epoch][pos]]
+    order = data.EpochOrder(len(train_set), t.seed)  # the data position is a function of the step: resumable
 
     def evaluate() -> float:
         model.eval()
@@ -96,7 +86,7 @@ def train(cfg: SFTConfig) -> Path:
     t0 = time.time()
     with console.Interrupt() as interrupt, console.Bar(total, "sft", completed=start) as bar:
         for step in range(start, total):
-            micro = [[example(step * per_step + j * t.batch_size + i) for i in range(t.batch_size)]
+            micro = [[train_set[order[step * per_step + j * t.batch_size + i]] for i in range(t.batch_size)]
                      for j in range(t.grad_accum)]
             n_tokens = sum(sum(x != data.IGNORE_INDEX for x in ex[1][1:]) for mb in micro for ex in mb)
             step_loss = 0.0
@@ -148,8 +138,7 @@ def train(cfg: SFTConfig) -> Path:
     out = run.finish(model, tok, {
         "stage": "sft",
         "full": mc.full,
-        "base_model": models.base_info(source),
-        "parents": models.parents(source),
+        **models.lineage(source),
         "data": {**rows.describe(), "overflow": vars(stats)},
         "config": to_dict(cfg),
         "metrics": final,

@@ -28,3 +28,48 @@ def test_lr_schedule():
     assert rlhf.lr_lambda(2, 10, 2, "linear") == 1.0 and rlhf.lr_lambda(6, 10, 2, "linear") == 0.5
     assert rlhf.lr_lambda(6, 10, 2, "cosine") == pytest.approx(0.5)
     assert rlhf.lr_lambda(10, 10, 2, "cosine") == pytest.approx(0.0)
+
+
+def ls(x):  # -log sigmoid(x)
+    return math.log(1 + math.exp(-x))
+
+
+def test_ranking_loss_k2_by_hand():
+    loss, acc, n = rlhf.ranking_loss(torch.tensor([[1.0, -1.0]]), torch.tensor([[1, 2]]))
+    assert loss.item() == pytest.approx(ls(2.0)) and acc.item() == 1.0 and n.item() == 1
+    loss, acc, _ = rlhf.ranking_loss(torch.tensor([[1.0, -1.0]]), torch.tensor([[2, 1]]))
+    assert loss.item() == pytest.approx(ls(-2.0)) and acc.item() == 0.0
+
+
+def test_ranking_loss_k4_is_mean_of_its_six_pairs():
+    r = [0.5, -0.2, 1.5, 0.0]
+    ranks = [2, 4, 1, 3]
+    pairs = [(i, j) for i in range(4) for j in range(4) if ranks[i] < ranks[j]]
+    assert len(pairs) == 6
+    expected = sum(ls(r[i] - r[j]) for i, j in pairs) / 6
+    loss, acc, n = rlhf.ranking_loss(torch.tensor([r]), torch.tensor([ranks]))
+    assert loss.item() == pytest.approx(expected) and n.item() == 6
+    # pairs (2,0) (2,3) (2,1) (0,3) (0,1) (3,1): every better response scores higher
+    assert acc.item() == 1.0
+    wrong = sum(r[i] <= r[j] for i, j in pairs)
+    assert acc.item() == pytest.approx((6 - wrong) / 6)
+    # equals the mean of the same pairs fed as K = 2 rows
+    pair_losses = [rlhf.ranking_loss(torch.tensor([[r[i], r[j]]]), torch.tensor([[1, 2]]))[0].item()
+                   for i, j in pairs]
+    assert loss.item() == pytest.approx(sum(pair_losses) / 6)
+
+
+def test_ranking_loss_ties_and_padding():
+    # ranks [1, 2, 2]: pairs (0,1), (0,2) only; the tie (1,2) is skipped
+    loss, _, n = rlhf.ranking_loss(torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([[1, 2, 2]]))
+    assert n.item() == 2 and loss.item() == pytest.approx((ls(1.0) + ls(2.0)) / 2)
+    # a K = 2 prompt padded to K = 3 beside a K = 3 prompt: mean over prompts of per-prompt means
+    loss, _, n = rlhf.ranking_loss(torch.tensor([[2.0, 1.0, 9.0], [0.0, 1.0, 3.0]]),
+                                   torch.tensor([[1, 2, 0], [3, 2, 1]]))
+    p2 = (ls(1.0) + ls(3.0) + ls(2.0)) / 3
+    assert n.item() == 4 and loss.item() == pytest.approx((ls(1.0) + p2) / 2)
+
+
+def test_last_token_index_left_and_right_padding():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    assert rlhf.last_token_index(mask).tolist() == [2, 4, 4, 0]

@@ -1,0 +1,207 @@
+"""Stage 2, the reward model: K ranked responses of one prompt forwarded once, as one batch element, and the
+paper's loss over all C(K,2) pairs; then a bias so reference demonstrations score 0 on average."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from instructcli import console, data, models, rlhf
+from instructcli.config import ModelConfig, RMConfig, to_dict
+from instructcli.errors import InstructError
+
+MAX_BAD_STEPS = 5
+
+
+def encode_responses(tok, messages: list[dict], responses: list[str], max_len: int, overflow: str,
+                     stats: data.OverflowStats, where: str) -> list[list[int]] | None:
+    """Token ids of each full conversation (context + one response); None if --overflow drop drops one."""
+    out = []
+    for r in responses:
+        ids, _ = data.encode_demonstration(tok, messages + [{"role": "assistant", "content": r}])
+        fitted = data.fit_length(ids, None, max_len, overflow, stats, where)
+        if fitted is None:
+            return None
+        out.append(fitted[0])
+    return out
+
+
+def forward_groups(model, groups: list[list[list[int]]], pad_id: int, device: str) -> list[torch.Tensor]:
+    """Score every response of every group in one right-padded forward; returns one (K,) tensor per group."""
+    flat = [ids for g in groups for ids in g]
+    batch = data.collate_sequences(flat, pad_id)
+    scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    return list(scores.split([len(g) for g in groups]))
+
+
+def padded(groups: list[torch.Tensor], ranks: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    k = max(len(r) for r in ranks)
+    rewards = torch.stack([torch.nn.functional.pad(g, (0, k - len(g))) for g in groups])
+    rk = torch.tensor([r + [0] * (k - len(r)) for r in ranks], device=rewards.device)
+    return rewards, rk
+
+
+def train(cfg: RMConfig) -> Path:
+    t, mc = cfg.train, cfg.model
+    console.set_quiet(cfg.quiet)
+    run = models.RunDir(cfg.out, cfg.overwrite, cfg.resume)
+
+    # 1. data
+    rows = data.load(cfg.data, "comparisons", cfg.skip_invalid, console.warn)
+    norm_rows = data.load(cfg.norm_data, "demonstrations", cfg.skip_invalid, console.warn) if cfg.norm_data else None
+    source = models.resolve(mc.model, console.log)
+    tok = models.load_tokenizer(source, mc.trust_remote_code)
+    stats, examples = data.OverflowStats(), []
+    for i, rec in enumerate(rows.records):
+        enc = encode_responses(tok, rec.messages, rec.responses, cfg.max_len, cfg.overflow, stats,
+                               f"{rows.path}: row {i + 1}")
+        if enc is not None:
+            examples.append((enc, rec.ranks))
+    if not examples:
+        raise InstructError(f"{rows.path}: every comparison was dropped by --max-len {cfg.max_len}", 2)
+    train_idx, eval_idx = data.split(len(examples), t.eval_frac, t.seed)
+    train_set, eval_set = [examples[i] for i in train_idx], [examples[i] for i in eval_idx]
+    if norm_rows:
+        reference = [data.encode_demonstration(tok, r.messages)[0][:cfg.max_len] for r in norm_rows.records]
+    else:  # the best-ranked response of every training comparison
+        reference = [enc[ranks.index(min(ranks))] for enc, ranks in train_set]
+    n_pairs = sum(sum(a < b for a in r for b in r) for _, r in train_set)
+    console.log(f"data: {rows.rows} comparisons ({rows.skipped} invalid skipped), K = "
+                f"{min(len(r) for _, r in examples)}..{max(len(r) for _, r in examples)}, {n_pairs} ranked pairs "
+                f"in training; {stats.summary()}")
+
+    # 2. model: base (with --from merged in) + LoRA + scalar head
+    models.seed_everything(t.seed)
+    device = models.pick_device()
+    model = models.new_reward_model(source.as_base(), mc, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    per_step = t.batch_size * t.grad_accum
+    total = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(len(train_set) / per_step)))
+    warmup = int(t.warmup * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: rlhf.lr_lambda(s, total, warmup, t.schedule))
+    console.log(f"rm: {len(train_set)} train / {len(eval_set)} eval prompts, {total} steps of "
+                f"{t.batch_size}x{t.grad_accum} prompts, {sum(p.numel() for p in params):,} trainable parameters, "
+                f"{mc.quant} base on {device}")
+    start = 0
+    if cfg.resume and (state := run.load_checkpoint(model, optimizer, scheduler)):
+        start = state["step"]
+        run.truncate_metrics(start)
+        console.log(f"resumed from step {start}")
+    run.create()
+    metrics = console.Metrics(run.metrics_path)
+    order = data.EpochOrder(len(train_set), t.seed)
+
+    def evaluate() -> dict:
+        model.eval()
+        losses, correct, pairs = [], 0.0, 0
+        with torch.no_grad():
+            for b in range(0, len(eval_set), t.batch_size):
+                chunk = eval_set[b:b + t.batch_size]
+                rewards, ranks = padded(forward_groups(model, [e[0] for e in chunk], tok.pad_token_id, device),
+                                        [e[1] for e in chunk])
+                loss, acc, n = rlhf.ranking_loss(rewards, ranks)
+                losses.append(loss.item() * len(chunk))
+                correct, pairs = correct + acc.item() * n.item(), pairs + n.item()
+        model.train()
+        return {"eval_loss": sum(losses) / len(eval_set), "eval_accuracy": correct / max(pairs, 1)}
+
+    # 3. the loop
+    model.train()
+    bad_steps, last = 0, {}
+    t0 = time.time()
+    with console.Interrupt() as interrupt, console.Bar(total, "rm", completed=start) as bar:
+        for step in range(start, total):
+            step_loss, step_acc = 0.0, 0.0
+            for j in range(t.grad_accum):
+                chunk = [train_set[order[step * per_step + j * t.batch_size + i]] for i in range(t.batch_size)]
+                groups = forward_groups(model, [e[0] for e in chunk], tok.pad_token_id, device)
+                rewards, ranks = padded(groups, [e[1] for e in chunk])
+                loss, acc, _ = rlhf.ranking_loss(rewards, ranks)
+                (loss / t.grad_accum).backward()
+                step_loss += loss.item() / t.grad_accum
+                step_acc += acc.item() / t.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                bad_steps += 1
+                console.warn(f"step {step + 1}: non-finite loss or gradient ({step_loss}, {grad_norm}); skipped")
+                if bad_steps >= MAX_BAD_STEPS:
+                    raise InstructError(f"{bad_steps} non-finite steps in a row; lower --lr or check the data", 1)
+                continue
+            bad_steps = 0
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            n_seq = sum(len(train_set[order[step * per_step + i]][0]) for i in range(per_step))
+            last = {"step": done, "epoch": round(done * per_step / len(train_set), 4), "loss": step_loss,
+                    "accuracy": step_acc, "lr": lr, "grad_norm": grad_norm,
+                    "responses_per_s": n_seq / max(time.time() - t0, 1e-9)}
+            t0 = time.time()
+            if t.eval_every and eval_set and (done % t.eval_every == 0 or done == total):
+                last.update(evaluate())
+            if done % t.log_every == 0 or done == total or "eval_loss" in last:
+                last["peak_mem_mb"] = round(console.peak_memory_mb(), 1)
+                metrics.write(last)
+            bar.update(1, f"loss {step_loss:.3f} acc {step_acc:.2f}" +
+                       (f" eval acc {last['eval_accuracy']:.2f}" if "eval_accuracy" in last else ""))
+            if (t.save_every and done % t.save_every == 0 and done < total) or (interrupt.requested and done < total):
+                run.save_checkpoint(done, model, optimizer, scheduler, {}, t.keep_checkpoints)
+            if interrupt.requested and done < total:
+                metrics.close()
+                console.log(f"stopped at step {done}; continue with the same command plus --resume")
+                raise KeyboardInterrupt
+    metrics.close()
+
+    # 4. normalise: reference demonstrations score 0 on average (stored, applied whenever the RM scores)
+    model.eval()
+    with torch.no_grad():
+        ref_scores = torch.cat([forward_groups(model, [reference[b:b + 16]], tok.pad_token_id, device)[0]
+                                for b in range(0, len(reference), 16)])
+    model.bias = ref_scores.mean().item()
+    final = {k: last[k] for k in ("step", "loss", "accuracy", "eval_loss", "eval_accuracy") if k in last}
+    if eval_set and "eval_accuracy" not in final:
+        final.update(evaluate())
+    out = run.finish(model, tok, {
+        "stage": "rm",
+        **models.lineage(source),
+        "data": {**rows.describe(), "overflow": vars(stats)},
+        "reward_norm": {"bias": model.bias, "scale": 1.0, "n": len(reference),
+                        "data": norm_rows.describe() if norm_rows else "best-ranked training responses",
+                        "raw_std": ref_scores.std().item() if len(ref_scores) > 1 else 0.0},
+        "config": to_dict(cfg),
+        "metrics": final,
+    })
+    console.log(f"rm: done, {final}, reward bias {model.bias:.4f}; saved to {out}")
+    return out
+
+
+def score(cfg) -> int:
+    """`instruct score`: add normalised `scores` (one per response) to samples rows."""
+    console.set_quiet(cfg.quiet)
+    samples = data.load(cfg.samples, "samples", cfg.skip_invalid, console.warn)
+    device = models.pick_device()
+    model, tok, _ = models.load_reward_model(cfg.reward, ModelConfig(quant=cfg.quant, dtype=cfg.dtype), device,
+                                             console.log)
+    stats = data.OverflowStats()
+    with data.JsonlWriter(cfg.out) as out, console.Bar(len(samples.records), "score") as bar, torch.no_grad():
+        for s in samples.records:
+            msgs = s.messages or [{"role": "user", "content": s.prompt}]
+            enc = encode_responses(tok, msgs, s.responses, cfg.max_len, "truncate", stats, f"{samples.path}: {s.id}")
+            scores = []
+            for b in range(0, len(enc), cfg.batch_size):
+                batch = data.collate_sequences(enc[b:b + cfg.batch_size], tok.pad_token_id)
+                scores += model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+            row = {"id": s.id, "prompt": s.prompt, "responses": s.responses, "model": s.model, **s.extra,
+                   "scores": scores}
+            if s.messages:
+                row["messages"] = s.messages
+            out.write(row)
+            bar.update(1)
+    return len(samples.records)

@@ -1,0 +1,107 @@
+"""rm and score on the tiny model: accuracy on a separable preference, normalisation, padding, formats."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from instructcli import data, models, rm
+from instructcli.config import ModelConfig
+
+WORDS = ["sun", "tree", "river", "stone", "cloud", "bird", "road", "lamp"]
+
+
+def comparisons(n, seed=0):
+    """K = 4 responses; the more times 'yes' appears, the better: a preference a small RM can learn."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        counts = rng.sample(range(4), 4)
+        responses = [" ".join(["yes"] * c + rng.sample(WORDS, 3 - c + 1)) for c in counts]
+        ranks = [4 - c for c in counts]
+        rows.append({"prompt": f"Question {i}: {rng.choice(WORDS)}?", "responses": responses, "ranks": ranks})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tiny_dir, tmp_path_factory):
+    from instructcli import config as C
+
+    d = tmp_path_factory.mktemp("rm")
+    path = write_jsonl(d / "cmp.jsonl", comparisons(120))
+    out = rm.train(C.RMConfig(data=str(path), out=str(d / "rm"), quiet=True,
+                              model=C.ModelConfig(model=str(tiny_dir), lora_r=8),
+                              train=C.TrainConfig(lr=5e-3, batch_size=4, epochs=3, eval_frac=0.2, eval_every=20,
+                                                  warmup=0.0, save_every=0)))
+    return out, path
+
+
+def test_rm_learns_a_separable_preference(rm_dir):
+    out, _ = rm_dir
+    man = json.loads((out / "instruct.json").read_text())
+    m = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert man["stage"] == "rm" and man["metrics"]["eval_accuracy"] >= 0.8, man["metrics"]
+    first_eval = next(x for x in m if "eval_accuracy" in x)
+    assert m[-1]["eval_loss"] < first_eval["eval_loss"] or first_eval["eval_accuracy"] >= 0.8
+    assert (out / "score_head.safetensors").exists() and (out / "adapter_model.safetensors").exists()
+
+
+def test_normalisation_makes_the_reference_mean_zero(rm_dir):
+    out, cmp_path = rm_dir
+    model, tok, man = models.load_reward_model(str(out), ModelConfig(), "cpu")
+    assert man["reward_norm"]["bias"] != 0.0
+    # the default reference: best-ranked responses of the training split
+    examples = [(rm.encode_responses(tok, c.messages, c.responses, 512, "truncate", data.OverflowStats(), ""),
+                 c.ranks) for c in data.load(str(cmp_path), "comparisons").records]
+    train_idx, _ = data.split(len(examples), 0.2, 0)
+    best = [examples[i][0][examples[i][1].index(1)] for i in train_idx]
+    with torch.no_grad():
+        scores = torch.cat([model.score(**{k: v for k, v in data.collate_sequences(best[b:b + 16], tok.pad_token_id)
+                                          .items()}) for b in range(0, len(best), 16)])
+    assert man["reward_norm"]["n"] == len(best)
+    assert abs(scores.mean().item()) < 1e-4
+
+
+def test_head_reads_the_last_real_token_under_left_and_right_padding(rm_dir):
+    out, _ = rm_dir
+    model, tok, _ = models.load_reward_model(str(out), ModelConfig(), "cpu")
+    a, b = [5, 6, 7, 8, 9, 10], [11, 12]
+    with torch.no_grad():
+        alone = [model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item() for s in (a, b)]
+        for side in ("right", "left"):
+            batch = data.collate_sequences([a, b], tok.pad_token_id, side)
+            got = model(batch["input_ids"], batch["attention_mask"]).tolist()
+            assert got == pytest.approx(alone, abs=1e-5), side
+
+
+def test_score_adds_one_normalised_score_per_response(cli, rm_dir, tmp_path):
+    out, _ = rm_dir
+    samples = write_jsonl(tmp_path / "s.jsonl", [
+        {"id": "a", "prompt": "Question?", "responses": ["yes yes yes sun", "sun tree river road"], "model": "m",
+         "keep": 1},
+        {"id": "b", "prompt": "Other?", "responses": ["", "yes"], "model": "m"},
+    ])
+    r = cli("score", out, samples, "-o", "-", "-q")
+    assert r.code == 0, r
+    rows = [json.loads(l) for l in r.out.splitlines()]
+    assert [x["id"] for x in rows] == ["a", "b"] and rows[0]["keep"] == 1
+    assert all(len(x["scores"]) == len(x["responses"]) for x in rows)
+    assert rows[0]["scores"][0] > rows[0]["scores"][1]  # more "yes" scores higher
+    stdin = samples.read_bytes()
+    r2 = cli("score", out, "-", "-q", stdin=stdin)
+    assert [json.loads(l)["scores"] for l in r2.out.splitlines()] == [x["scores"] for x in rows]
+
+
+def test_score_refuses_a_non_rm_dir(cli, tiny_dir, tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "q", "responses": ["a"]}])
+    r = cli("score", tiny_dir, samples)
+    assert r.code == 2 and "not a reward model run dir" in r.err
+
+
+def test_rm_bad_rankings_exit_2(cli, tiny_dir, tmp_path):
+    bad = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "q", "responses": ["a", "b", "c"], "ranks": [1, 2]}])
+    r = cli("rm", bad, "-o", tmp_path / "rm", "--model", tiny_dir)
+    assert r.code == 2 and "c.jsonl:1: ranks: expected 3 ranks" in r.err
+    assert not (tmp_path / "rm").exists() and not (tmp_path / "rm.partial").exists()
