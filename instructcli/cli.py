@@ -253,6 +253,26 @@ def score(
     console.log(f"score: scored {n} rows")
 
 
+@app.command(help="Rank each prompt's K responses in the terminal (or by --judge), writing comparisons for rm.")
+def label(
+    samples: Annotated[str, typer.Argument(help="Samples JSONL (output of sample).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Comparisons JSONL: appended to, resumed from.")],
+    judge: Annotated[Optional[str], typer.Option(help="Rank without a person: rm:DIR, or path/rule.py:function "
+                                                 "(runs that local Python file) scoring (prompt, response).")] = None,
+    noise: Annotated[float, typer.Option(help="With --judge: swap adjacent ranks with this probability, as "
+                                         "simulated labelers do.")] = 0.0,
+    seed: SeedOpt = 0,
+    quant: QuantOpt = "none",
+):
+    _check("quant", quant, ("none", "8bit", "4bit"))
+    if not 0 <= noise <= 1:
+        raise InstructError(f"--noise: must be in [0, 1], got {noise}", 2)
+    from instructcli import console, judge as judges, label as stage
+
+    fn = judges.make_judge(judge, quant, console.log) if judge else None
+    print(json.dumps(stage.run(samples, out, judge=fn, noise=noise, seed=seed)))
+
+
 # ------------------------------------------------------------------------------------------ sample
 @app.command(help="Generate K responses per prompt (batched) as samples JSONL.")
 def sample(

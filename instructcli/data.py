@@ -330,6 +330,20 @@ def _consumed(chunks: list[tuple[str, bool]]) -> str:
     return "".join(t for t, _ in chunks)
 
 
+def encode_responses(tokenizer, messages: list[dict], responses: list[str], max_len: int, overflow: str,
+                     stats: OverflowStats, where: str) -> list[list[int]] | None:
+    """Token ids of each full conversation (context + one response), as a reward model reads it; None if
+    --overflow drop drops one of them (a ranking is kept whole or not at all)."""
+    out = []
+    for r in responses:
+        ids, _ = encode_demonstration(tokenizer, messages + [{"role": "assistant", "content": r}])
+        fitted = fit_length(ids, None, max_len, overflow, stats, where)
+        if fitted is None:
+            return None
+        out.append(fitted[0])
+    return out
+
+
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return _ids(tokenizer, render_chat(tokenizer, messages, add_generation_prompt=True))
 

@@ -17,7 +17,8 @@ Files:
   An OUT that is not a valid comparisons file written by `label` (every row has an `id`) is an error.
 - Undo (`u`) takes back the latest answer of this run (a ranking or a skip: its line is removed, the file
   rewritten atomically) and shows that sample again; with nothing answered in this run yet, it takes back
-  the last row of OUT (the previous run's last ranking).
+  the last row of OUT (the previous run's last ranking). After the last sample, a run that answered
+  anything asks once more (`u` or `q`), so the last answer can be fixed too.
 
 Judge mode (`judge=callable(sample) -> scores`, higher = better) ranks by score (equal scores tie); with
 `noise > 0`, each adjacent pair of the best-to-worst order is swapped with probability `noise` in one
@@ -78,7 +79,7 @@ def parse_ranking(text: str, k: int) -> list[int]:
         listed = ", ".join(map(str, missing[:-1])) + f" and {missing[-1]}"
         raise ValueError(f"responses {listed} are missing")
     if len(groups) < 2:
-        raise ValueError("all responses are tied: nothing to learn from; put at least one below another")
+        raise ValueError("all responses are tied: nothing to learn from")
     ranks = [0] * k
     for rank, group in enumerate(groups, start=1):
         for n in group:
@@ -139,6 +140,7 @@ def _drop_last_line(path: str) -> str | None:
             f.write("".join(line + "\n" for line in lines))
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, os.stat(path).st_mode & 0o7777)  # mkstemp makes 0600; keep the file's own mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -233,7 +235,7 @@ def _ask(k: int) -> str:
 
 def _read_line(stream, con: Console, prompt: str) -> str | None:
     """One answer line, or None at end of input."""
-    con.print(prompt, end="", markup=False, highlight=False, style="bold")
+    con.print(prompt, end="", markup=False, highlight=False, style="bold", soft_wrap=True)
     con.file.flush()
     if stream is sys.stdin and sys.stdin.isatty() and sys.stdout.isatty():
         try:
@@ -247,7 +249,11 @@ def _read_line(stream, con: Console, prompt: str) -> str | None:
     line = stream.readline()
     if line == "":
         return None
-    return line.rstrip("\r\n")
+    line = line.rstrip("\r\n")
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty and isatty()):
+        con.print(line, markup=False, highlight=False, soft_wrap=True)  # piped: echo it, as a terminal does
+    return line
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -261,8 +267,11 @@ def run(samples_path: str, out_path: str, judge: Callable[[data.Sample], Sequenc
     """
     con = output_console or Console(stderr=True, highlight=False)
 
+    def say(msg: str, style: str | None = None) -> None:  # one line, never rich markup
+        con.print(msg, style=style, markup=False, highlight=False, soft_wrap=True)
+
     def warn(msg: str) -> None:
-        con.print(f"warning: {msg}", markup=False, style="yellow")
+        say(f"warning: {msg}", "yellow")
 
     if not 0.0 <= noise <= 1.0 or math.isnan(noise):
         raise InstructError(f"noise must be in [0, 1], got {noise}", 2)
@@ -298,15 +307,17 @@ def run(samples_path: str, out_path: str, judge: Callable[[data.Sample], Sequenc
     done = set(_labeled_ids(out))
     skipped = _skipped_ids(skipped_path)
     total = len(rankable)
-    already = sum(s.id in done for s in rankable)
-    stats = {"labeled": 0, "skipped": 0, "already": already}
+    before = {s.id for s in rankable if s.id in done}  # labeled by an earlier run (less what undo took back)
+    already = len(before)
+    stats = {"labeled": 0, "skipped": 0}
     if already or skipped:
         n_skip = sum(s.id in skipped for s in rankable)
-        con.print(f"resuming {out}: {already} of {total} samples already labeled, {n_skip} skipped", markup=False)
+        say(f"resuming {out}: {already} of {total} samples already labeled, {n_skip} skipped")
 
     def summary() -> dict:
         left = sum(s.id not in done and s.id not in skipped for s in rankable)
-        return {**stats, "total": total, "out": out, "remaining": left, "unrankable": unrankable}
+        return {**stats, "already": len(before), "total": total, "out": out, "remaining": left,
+                "unrankable": unrankable}
 
     def write(sample: data.Sample, ranks: list[int]) -> None:
         _append_line(out, json.dumps(_row(sample, ranks), ensure_ascii=False))
@@ -345,36 +356,42 @@ def run(samples_path: str, out_path: str, judge: Callable[[data.Sample], Sequenc
     while True:
         pending = [s for s in rankable if s.id not in done and s.id not in skipped]
         if not pending:
-            con.print(f"all {total} samples are labeled or skipped; rows are in {out}", markup=False)
-            return summary()
-        sample = by_id[forced] if forced in by_id and forced not in done and forced not in skipped else pending[0]
-        forced = None
-        k = len(sample.responses)
-        _show(con, sample, total - len(pending) + 1, total)
+            say(f"all {total} samples are labeled or skipped; the rows are in {out}")
+            if not history:
+                return summary()
+            sample, prompt = None, "u=undo the last answer, q=quit: "  # a last chance to fix the last answer
+        else:
+            sample = by_id[forced] if forced in by_id and forced not in done | skipped else pending[0]
+            forced = None
+            prompt = _ask(len(sample.responses))
+            _show(con, sample, total - len(pending) + 1, total)
         while True:
-            line = _read_line(stream, con, _ask(k))
+            line = _read_line(stream, con, prompt)
             if line is None:
                 con.print()
                 return summary()
             cmd = line.strip().lower()
             if cmd in ("q", "quit"):
                 return summary()
+            if sample is None and cmd not in ("u", "undo"):
+                say("invalid answer: nothing is left to rank; u=undo or q=quit", "red")
+                continue
             if cmd in ("s", "skip"):
                 skip(sample)
                 history.append(("skip", sample.id))
                 break
             if cmd in ("u", "undo"):
-                undone = _undo(out, skipped_path, history, done, skipped, stats)
+                undone = _undo(out, skipped_path, history, done, skipped, stats, before)
                 if undone is None:
-                    con.print("nothing to undo", style="red", markup=False)
+                    say("nothing to undo", "red")
                     continue
-                con.print(f"undone: sample {undone}", markup=False)
+                say(f"undone: sample {undone}")
                 forced = undone
                 break
             try:
-                ranks = parse_ranking(line, k)
+                ranks = parse_ranking(line, len(sample.responses))
             except ValueError as e:
-                con.print(f"invalid answer: {e}", style="red", markup=False)
+                say(f"invalid answer: {e}", "red")
                 continue
             write(sample, ranks)
             history.append(("label", sample.id))
@@ -382,7 +399,7 @@ def run(samples_path: str, out_path: str, judge: Callable[[data.Sample], Sequenc
 
 
 def _undo(out: str, skipped_path: str, history: list[tuple[str, str]], done: set[str], skipped: set[str],
-          stats: dict) -> str | None:
+          stats: dict, before: set[str]) -> str | None:
     """Take back this run's latest answer, or else OUT's last row; returns the sample id, or None."""
     if history:
         kind, rid = history.pop()
@@ -399,7 +416,6 @@ def _undo(out: str, skipped_path: str, history: list[tuple[str, str]], done: set
     if last is None:
         return None
     rid = str(json.loads(last)["id"])
-    if rid in done:
-        done.discard(rid)
-        stats["already"] -= 1
+    done.discard(rid)
+    before.discard(rid)
     return rid

@@ -654,3 +654,18 @@ def load_reward_model(spec: str, mc: ModelConfig, device: str, log=None):
     rm.bias = float(source.manifest.get("reward_norm", {}).get("bias", 0.0))
     rm.to(device).eval()
     return rm, load_tokenizer(source, mc.trust_remote_code), source.manifest
+
+
+def reward_scores(model: RewardModel, tok, messages: list[dict], responses: list[str], max_len: int = 1024,
+                  batch_size: int = 16) -> list[float]:
+    """Normalised RM scores of each response to one prompt (longer conversations keep their beginning)."""
+    from instructcli import data
+
+    enc = data.encode_responses(tok, messages, responses, max_len, "truncate", data.OverflowStats(), "")
+    device = next(model.head.parameters()).device
+    scores: list[float] = []
+    with torch.no_grad():
+        for b in range(0, len(enc), batch_size):
+            batch = data.collate_sequences(enc[b:b + batch_size], tok.pad_token_id)
+            scores += model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+    return scores

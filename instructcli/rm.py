@@ -16,19 +16,6 @@ from instructcli.errors import InstructError
 MAX_BAD_STEPS = 5
 
 
-def encode_responses(tok, messages: list[dict], responses: list[str], max_len: int, overflow: str,
-                     stats: data.OverflowStats, where: str) -> list[list[int]] | None:
-    """Token ids of each full conversation (context + one response); None if --overflow drop drops one."""
-    out = []
-    for r in responses:
-        ids, _ = data.encode_demonstration(tok, messages + [{"role": "assistant", "content": r}])
-        fitted = data.fit_length(ids, None, max_len, overflow, stats, where)
-        if fitted is None:
-            return None
-        out.append(fitted[0])
-    return out
-
-
 def forward_groups(model, groups: list[list[list[int]]], pad_id: int, device: str) -> list[torch.Tensor]:
     """Score every response of every group in one right-padded forward; returns one (K,) tensor per group."""
     flat = [ids for g in groups for ids in g]
@@ -56,7 +43,7 @@ def train(cfg: RMConfig) -> Path:
     tok = models.load_tokenizer(source, mc.trust_remote_code)
     stats, examples = data.OverflowStats(), []
     for i, rec in enumerate(rows.records):
-        enc = encode_responses(tok, rec.messages, rec.responses, cfg.max_len, cfg.overflow, stats,
+        enc = data.encode_responses(tok, rec.messages, rec.responses, cfg.max_len, cfg.overflow, stats,
                                f"{rows.path}: row {i + 1}")
         if enc is not None:
             examples.append((enc, rec.ranks))
@@ -189,15 +176,10 @@ def score(cfg) -> int:
     device = models.pick_device()
     model, tok, _ = models.load_reward_model(cfg.reward, ModelConfig(quant=cfg.quant, dtype=cfg.dtype), device,
                                              console.log)
-    stats = data.OverflowStats()
-    with data.JsonlWriter(cfg.out) as out, console.Bar(len(samples.records), "score") as bar, torch.no_grad():
+    with data.JsonlWriter(cfg.out) as out, console.Bar(len(samples.records), "score") as bar:
         for s in samples.records:
-            msgs = s.messages or [{"role": "user", "content": s.prompt}]
-            enc = encode_responses(tok, msgs, s.responses, cfg.max_len, "truncate", stats, f"{samples.path}: {s.id}")
-            scores = []
-            for b in range(0, len(enc), cfg.batch_size):
-                batch = data.collate_sequences(enc[b:b + cfg.batch_size], tok.pad_token_id)
-                scores += model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+            scores = models.reward_scores(model, tok, s.messages or [{"role": "user", "content": s.prompt}],
+                                          s.responses, cfg.max_len, cfg.batch_size)
             row = {"id": s.id, "prompt": s.prompt, "responses": s.responses, "model": s.model, **s.extra,
                    "scores": scores}
             if s.messages:

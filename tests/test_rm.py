@@ -53,7 +53,7 @@ def test_normalisation_makes_the_reference_mean_zero(rm_dir):
     model, tok, man = models.load_reward_model(str(out), ModelConfig(), "cpu")
     assert man["reward_norm"]["bias"] != 0.0
     # the default reference: best-ranked responses of the training split
-    examples = [(rm.encode_responses(tok, c.messages, c.responses, 512, "truncate", data.OverflowStats(), ""),
+    examples = [(data.encode_responses(tok, c.messages, c.responses, 512, "truncate", data.OverflowStats(), ""),
                  c.ranks) for c in data.load(str(cmp_path), "comparisons").records]
     train_idx, _ = data.split(len(examples), 0.2, 0)
     best = [examples[i][0][examples[i][1].index(1)] for i in train_idx]
@@ -105,3 +105,25 @@ def test_rm_bad_rankings_exit_2(cli, tiny_dir, tmp_path):
     r = cli("rm", bad, "-o", tmp_path / "rm", "--model", tiny_dir)
     assert r.code == 2 and "c.jsonl:1: ranks: expected 3 ranks" in r.err
     assert not (tmp_path / "rm").exists() and not (tmp_path / "rm.partial").exists()
+
+
+def test_label_with_rule_and_rm_judges_writes_rows_rm_reads(cli, rm_dir, tmp_path):
+    rule = tmp_path / "rule.py"
+    rule.write_text("def yes_count(prompt, response):\n    return response.count('yes')\n")
+    samples = write_jsonl(tmp_path / "s.jsonl", [
+        {"id": "a", "prompt": "Q?", "responses": ["yes", "yes yes yes", "no", "yes yes"]},
+        {"id": "b", "prompt": "R?", "responses": ["no", "yes"]},
+    ])
+    out = tmp_path / "c.jsonl"
+    r = cli("label", samples, "-o", out, "--judge", f"{rule}:yes_count")
+    assert r.code == 0, r
+    assert json.loads(r.out)["labeled"] == 2
+    rows = data.load(str(out), "comparisons").records
+    assert [x.ranks for x in rows] == [[3, 1, 4, 2], [2, 1]]
+    out2 = tmp_path / "c2.jsonl"
+    r = cli("label", samples, "-o", out2, "--judge", f"rm:{rm_dir[0]}")
+    assert r.code == 0, r
+    got = data.load(str(out2), "comparisons").records
+    assert got[0].ranks[1] < got[0].ranks[2]  # the trained RM prefers "yes yes yes" to "no"
+    r = cli("label", samples, "-o", tmp_path / "c3.jsonl", "--judge", f"{rule}:nope")
+    assert r.code == 2 and "has no function 'nope'" in r.err
