@@ -129,3 +129,25 @@ class Interrupt:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
         return False
+
+
+class NonFiniteGuard:
+    """Skips a step whose loss or gradient norm is NaN/inf, so it never reaches the weights or a checkpoint;
+    gives up after `limit` such steps in a row."""
+
+    def __init__(self, limit: int = 5, hint: str = ""):
+        self.limit, self.hint, self.in_a_row = limit, hint, 0
+
+    def ok(self, step: int, loss: float, grad_norm: float, optimizer) -> bool:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return True
+        optimizer.zero_grad(set_to_none=True)
+        self.in_a_row += 1
+        warn(f"step {step}: non-finite loss or gradient ({loss}, {grad_norm}); skipped")
+        if self.in_a_row >= self.limit:
+            from instructcli.errors import InstructError
+
+            raise InstructError(f"{self.in_a_row} non-finite steps in a row; lower --lr or check the data"
+                                + (f" ({self.hint})" if self.hint else ""), 1)
+        return False

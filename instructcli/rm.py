@@ -98,7 +98,7 @@ def train(cfg: RMConfig) -> Path:
 
     # 3. the loop
     model.train()
-    bad_steps, last = 0, {}
+    guard, last = console.NonFiniteGuard(MAX_BAD_STEPS), {}
     t0 = time.time()
     with console.Interrupt() as interrupt, console.Bar(total, "rm", completed=start) as bar:
         for step in range(start, total):
@@ -112,14 +112,8 @@ def train(cfg: RMConfig) -> Path:
                 step_loss += loss.item() / t.grad_accum
                 step_acc += acc.item() / t.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                bad_steps += 1
-                console.warn(f"step {step + 1}: non-finite loss or gradient ({step_loss}, {grad_norm}); skipped")
-                if bad_steps >= MAX_BAD_STEPS:
-                    raise InstructError(f"{bad_steps} non-finite steps in a row; lower --lr or check the data", 1)
+            if not guard.ok(step + 1, step_loss, grad_norm, optimizer):
                 continue
-            bad_steps = 0
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()

@@ -82,7 +82,7 @@ def train(cfg: SFTConfig) -> Path:
 
     # 3. the loop
     model.train()
-    bad_steps, last = 0, {}
+    guard, last = console.NonFiniteGuard(MAX_BAD_STEPS, f"last good checkpoint in {run.ckpt_root}"), {}
     t0 = time.time()
     with console.Interrupt() as interrupt, console.Bar(total, "sft", completed=start) as bar:
         for step in range(start, total):
@@ -98,15 +98,8 @@ def train(cfg: SFTConfig) -> Path:
                 loss.backward()
                 step_loss += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)  # a NaN/inf step never reaches the weights
-                bad_steps += 1
-                console.warn(f"step {step + 1}: non-finite loss or gradient ({step_loss}, {grad_norm}); skipped")
-                if bad_steps >= MAX_BAD_STEPS:
-                    raise InstructError(f"{bad_steps} non-finite steps in a row; lower --lr or check the data "
-                                        f"(last good checkpoint in {run.ckpt_root})", 1)
+            if not guard.ok(step + 1, step_loss, grad_norm, optimizer):
                 continue
-            bad_steps = 0
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
