@@ -268,7 +268,7 @@ def load(path: str, kind: str, skip_invalid: bool = False, warn: Callable[[str],
     data = _read_bytes(str(path))
     name = "<stdin>" if path == "-" else str(path)
     records, skipped = [], 0
-    for lineno, obj in iter_rows(name if path != "-" else "-", data):
+    for lineno, obj in iter_rows(str(path), data):
         if isinstance(obj, dict):
             try:
                 records.append(parse(obj, len(records) + 1))
@@ -398,12 +398,8 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     """Right-padded LM batch: input_ids, attention_mask, labels (padding ignored)."""
     import torch
 
-    ids = [b[0] for b in batch]
-    return {
-        "input_ids": torch.tensor(pad(ids, pad_id)),
-        "attention_mask": torch.tensor(pad([[1] * len(s) for s in ids], 0)),
-        "labels": torch.tensor(pad([b[1] for b in batch], IGNORE_INDEX)),
-    }
+    return {**collate_sequences([b[0] for b in batch], pad_id),
+            "labels": torch.tensor(pad([b[1] for b in batch], IGNORE_INDEX))}
 
 
 def collate_sequences(seqs: list[list[int]], pad_id: int, side: str = "right"):
