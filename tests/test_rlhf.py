@@ -90,3 +90,70 @@ def test_non_finite_guard_skips_and_aborts():
     with pytest.raises(InstructError, match="2 non-finite steps in a row") as e:
         guard.ok(5, float("-inf"), 1.0, opt)
     assert e.value.exit_code == 1
+
+
+# ----------------------------------------------------------------------------------------------- PPO
+def test_logprobs_and_entropy_by_hand():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0]]])
+    lp = rlhf.logprobs_from_logits(logits, torch.tensor([[1, 0]]))
+    assert lp.tolist()[0] == pytest.approx([math.log(0.75), math.log(0.5)])
+    ent = rlhf.entropy_from_logits(logits)[0]
+    assert ent.tolist() == pytest.approx([-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), math.log(2)])
+
+
+def test_compute_rewards_kl_everywhere_score_on_last_real_token():
+    scores = torch.tensor([1.0, 2.0])
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, -1.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rewards, kl = rlhf.compute_rewards(scores, logprobs, ref, mask, kl_coef=0.1)
+    assert kl.flatten().tolist() == pytest.approx([0.5, 0.0, -1.0, 1.0, 0.0, 0.0])
+    assert rewards.tolist()[0] == pytest.approx([-0.05, 0.0, 0.1 + 1.0])
+    assert rewards.tolist()[1] == pytest.approx([-0.1, 2.0, 0.0])  # score at index 1: the padding gets none
+
+
+def test_whiten_over_masked_entries():
+    out = rlhf.whiten(torch.tensor([1.0, 2.0, 3.0, 100.0]), torch.tensor([1, 1, 1, 0]))
+    assert out.tolist() == pytest.approx([-1.0, 0.0, 1.0, 0.0], abs=1e-4)
+    out = rlhf.whiten(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.ones(4))
+    s = (5 / 3) ** 0.5
+    assert out.tolist() == pytest.approx([-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s], abs=1e-4)
+
+
+def test_gae_hand_computed():
+    adv, ret = rlhf.gae(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[0.0, 0.0, 1.0]]), torch.ones(1, 3), 1.0, 0.5)
+    assert adv.tolist()[0] == pytest.approx([1.0, 0.0, -2.0])
+    assert ret.tolist()[0] == pytest.approx([2.0, 2.0, 1.0])
+    # padding: the value past the end counts as 0, padded positions get nothing
+    adv, ret = rlhf.gae(torch.tensor([[1.0, 2.0, 9.0]]), torch.tensor([[0.0, 1.0, 0.0]]),
+                        torch.tensor([[1, 1, 0]]), 1.0, 1.0)
+    assert adv.tolist()[0] == pytest.approx([0.0, -1.0, 0.0]) and ret.tolist()[0] == pytest.approx([1.0, 1.0, 0.0])
+    adv, _ = rlhf.gae(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 1.0]]), torch.ones(1, 2), 0.5, 1.0)
+    assert adv.tolist()[0] == pytest.approx([0.5, -1.0])
+
+
+def test_policy_loss_at_and_beyond_the_clip_boundaries():
+    ratio = torch.tensor([[1.5, 0.5, 1.1, 1.2, 0.5]])
+    adv = torch.tensor([[1.0, 1.0, -1.0, 1.0, -1.0]])
+    loss, stats = rlhf.policy_loss(torch.log(ratio), torch.zeros(1, 5), adv, torch.ones(1, 5), 0.2)
+    # per token max(-A r, -A clip(r)): -1.2 (clipped), -0.5, 1.1, -1.2 (at the boundary: not clipped), 0.8 (clipped)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.1 - 1.2 + 0.8) / 5)
+    assert stats["clipfrac"] == pytest.approx(2 / 5)
+    # beyond the boundary the gradient is zero; inside, it is -A * r
+    lp = torch.log(ratio).requires_grad_(True)
+    rlhf.policy_loss(lp, torch.zeros(1, 5), adv, torch.ones(1, 5), 0.2)[0].backward()
+    assert lp.grad.tolist()[0] == pytest.approx([0.0, -0.5 / 5, 1.1 / 5, -1.2 / 5, 0.0])
+
+
+def test_value_loss_clipped():
+    loss, stats = rlhf.value_loss(torch.tensor([[1.5, 0.9]]), torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0, 0.0]]),
+                                  torch.ones(1, 2), 0.2)
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2) and stats["vf_clipfrac"] == 0.5
+
+
+def test_adaptive_kl_controller():
+    c = rlhf.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    assert c.update(12.0, 1000) == pytest.approx(0.1 * 1.02)  # error clipped at +20 %
+    assert c.update(3.0, 1000) == pytest.approx(0.1 * 1.02 * 0.98)  # clipped at -20 %
+    assert c.update(6.6, 1000) == pytest.approx(0.1 * 1.02 * 0.98 * 1.01)
+    assert rlhf.FixedKLController(0.02).update(100.0, 1000) == 0.02
