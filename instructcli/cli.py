@@ -273,6 +273,73 @@ def label(
     print(json.dumps(stage.run(samples, out, judge=fn, noise=noise, seed=seed)))
 
 
+# --------------------------------------------------------------------------------------------- ppo
+@app.command(help="PPO against a reward model with a per-token KL penalty to the SFT policy, plus PPO-ptx.")
+def ppo(
+    ctx: typer.Context,
+    policy: Annotated[str, typer.Option(help="The sft run dir to optimise (also the KL reference).")],
+    reward: Annotated[str, typer.Option(help="An rm run dir trained --from the same sft run, or "
+                                        "path/rule.py:function (runs that local Python file).")],
+    prompts: Annotated[str, typer.Option("--prompts", "-p", help="Prompts JSONL for rollouts.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output run dir.")] = "runs/ppo",
+    ptx_data: Annotated[str, typer.Option(help="Pretraining rows {text} for PPO-ptx.")] = "",
+    ptx_coef: Annotated[float, typer.Option(help="gamma: weight of the pretraining LM loss (paper 27.8; "
+                                            "0 = plain PPO).")] = 27.8,
+    ptx_batch_size: Annotated[int, typer.Option(help="Pretraining rows per optimisation step.")] = 4,
+    kl: Annotated[float, typer.Option(help="beta, the per-token KL penalty coefficient (paper 0.02).")] = 0.02,
+    target_kl: Annotated[float, typer.Option(help="> 0: adapt beta toward this KL (nats per response).")] = 0.0,
+    horizon: Annotated[int, typer.Option(help="Adaptive KL horizon (rollouts).")] = 10000,
+    steps: Annotated[int, typer.Option(help="PPO iterations (rollout + optimisation).")] = 20,
+    rollout_batch_size: Annotated[int, typer.Option(help="Prompts per rollout.")] = 8,
+    mini_batch_size: Annotated[int, typer.Option(help="Rollouts per optimizer step.")] = 4,
+    ppo_epochs: Annotated[int, typer.Option(help="Passes over each rollout batch.")] = 2,
+    lr: Annotated[float, typer.Option(help="Learning rate (policy and value adapters).")] = 1e-4,
+    cliprange: Annotated[float, typer.Option(help="Policy ratio clip.")] = 0.2,
+    cliprange_value: Annotated[float, typer.Option(help="Value clip around the rollout's values.")] = 0.2,
+    vf_coef: Annotated[float, typer.Option(help="Value loss weight.")] = 0.1,
+    gamma: Annotated[float, typer.Option(help="GAE discount.")] = 1.0,
+    lam: Annotated[float, typer.Option(help="GAE lambda.")] = 0.95,
+    whiten: Annotated[bool, typer.Option(help="Whiten advantages.")] = True,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm.")] = 1.0,
+    temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Rollout nucleus sampling.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Max tokens per rollout response.")] = 48,
+    max_prompt_len: Annotated[int, typer.Option(help="Longer prompts keep their end.")] = 256,
+    max_len: Annotated[int, typer.Option(help="Max tokens per pretraining row.")] = 512,
+    missing_eos_penalty: Annotated[float, typer.Option(help="Subtracted from the score of a response cut off "
+                                                       "without EOS.")] = 0.0,
+    reward_clip: Annotated[float, typer.Option(help="> 0: clip scores to [-c, c].")] = 0.0,
+    quant: QuantOpt = "none",
+    dtype: DtypeOpt = "auto",
+    lora_r: LoraROpt = 16,
+    lora_alpha: LoraAlphaOpt = 32,
+    lora_dropout: LoraDropoutOpt = 0.0,
+    lora_targets: LoraTargetsOpt = "all-linear",
+    trust_remote_code: TrustOpt = False,
+    save_every: Annotated[int, typer.Option(help="Resumable checkpoint every N steps (0 = none).")] = 10,
+    keep_checkpoints: Annotated[int, typer.Option(help="How many recent checkpoints to keep.")] = 2,
+    seed: SeedOpt = 0,
+    skip_invalid: SkipOpt = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output dir.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")] = False,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
+):
+    p = dict(ctx.params)
+    p["full"], p["model"] = False, policy
+    _model_checks(p)
+    _positive(steps=steps, rollout_batch_size=rollout_batch_size, mini_batch_size=mini_batch_size,
+              ppo_epochs=ppo_epochs, lr=lr, max_new_tokens=max_new_tokens, temperature=temperature)
+    if kl < 0 or ptx_coef < 0:
+        raise InstructError("--kl and --ptx-coef must be >= 0", 2)
+    if print_config:
+        return _print_config(ctx, dict(ctx.params))
+    from instructcli import config as C, ppo as stage
+
+    print(stage.train(_build(C.PPOConfig, p)))
+
+
 # ------------------------------------------------------------------------------------------ sample
 @app.command(help="Generate K responses per prompt (batched) as samples JSONL.")
 def sample(

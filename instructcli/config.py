@@ -73,6 +73,47 @@ class RMConfig:
 
 
 @dataclass(frozen=True)
+class PPOConfig:
+    policy: str  # sft run dir (merged into the shared base; the reference is that base, adapters off)
+    reward: str  # rm run dir trained --from the same sft run, or path/rule.py:function
+    prompts: str
+    out: str
+    model: ModelConfig = field(default_factory=ModelConfig)  # quant, dtype and LoRA shape of the policy/value
+    ptx_data: str = ""  # pretraining rows for PPO-ptx
+    ptx_coef: float = 27.8  # gamma; 0 = plain PPO
+    ptx_batch_size: int = 4
+    kl: float = 0.02  # beta (initial value with target_kl)
+    target_kl: float = 0.0  # > 0: adaptive controller toward this KL (nats per response)
+    horizon: int = 10000
+    steps: int = 20  # PPO iterations (rollout + optimisation)
+    rollout_batch_size: int = 8  # prompts per rollout
+    mini_batch_size: int = 4
+    ppo_epochs: int = 2
+    lr: float = 1e-4
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    max_prompt_len: int = 256
+    max_len: int = 512  # ptx rows
+    missing_eos_penalty: float = 0.0  # subtracted from the score of a response cut off without EOS
+    reward_clip: float = 0.0  # > 0: clip scores to [-c, c]
+    save_every: int = 10
+    keep_checkpoints: int = 2
+    seed: int = 0
+    skip_invalid: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
 class ScoreConfig:
     reward: str
     samples: str

@@ -465,9 +465,10 @@ class RunDir:
         self.metrics_path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
 
     # the end ------------------------------------------------------------------------------------
-    def finish(self, model, tokenizer, manifest: dict) -> Path:
-        """Write the final weights, tokenizer and manifest into the work dir, then rename it into place."""
-        model.save_pretrained(self.work)
+    def finish(self, model, tokenizer, manifest: dict, adapters: list[str] | None = None) -> Path:
+        """Write the final weights, tokenizer and manifest into the work dir, then rename it into place.
+        `adapters`: which of a multi-adapter model's adapters to save (the first becomes the run's own)."""
+        model.save_pretrained(self.work, **({"selected_adapters": adapters} if adapters else {}))
         tokenizer.save_pretrained(self.work)
         manifest = {"format_version": FORMAT_VERSION, **manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "versions": versions()}
@@ -586,6 +587,24 @@ def environment() -> dict:
     }
 
 
+def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
+             max_new_tokens: int, device: str) -> list[list[list[int]]]:
+    """Left-padded batch generation; per prompt, n lists of new token ids, each cut after its first EOS (kept:
+    stopping is one of the policy's actions)."""
+    from instructcli import data
+
+    batch = {k: v.to(device) for k, v in data.collate_prompts(prompt_ids, tok.pad_token_id).items()}
+    kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=n, use_cache=True,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, top_k=None, **kw)
+    cut = []
+    for seq in out[:, batch["input_ids"].shape[1]:].tolist():
+        end = next((i + 1 for i, x in enumerate(seq) if x == tok.eos_token_id), len(seq))
+        cut.append(seq[:end])
+    return [cut[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+
 # ---------------------------------------------------------------------------------- reward model
 SCORE_HEAD = "score_head.safetensors"
 
@@ -669,3 +688,78 @@ def reward_scores(model: RewardModel, tok, messages: list[dict], responses: list
             batch = data.collate_sequences(enc[b:b + batch_size], tok.pad_token_id)
             scores += model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
     return scores
+
+
+# ------------------------------------------------------------------------------ PPO: one shared base
+POLICY, REWARD, VALUE = "default", "reward", "value"  # adapter names; the policy's is PEFT's default
+
+
+class PPOModels(torch.nn.Module):
+    """Policy, reference, reward and value on ONE frozen base, as LoRA adapters switched per forward:
+
+    policy = base + adapter "default" (trainable); reference = base with adapters disabled (the SFT model,
+    merged into the base); reward = base + adapter "reward" + score head (frozen); value = base + adapter
+    "value" + value head (trainable, initialised from the reward model's). Only one copy of the base exists.
+    """
+
+    def __init__(self, lm, reward: RewardModel | None, value_head: torch.nn.Linear):
+        super().__init__()
+        self.lm, self.reward, self.value_head = lm, reward, value_head
+        self._trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def use(self, adapter: str) -> None:
+        """Make `adapter` the one forwards go through. PEFT's set_adapter also flips requires_grad; the
+        trainable set (policy + value) is restored, so optimizer and checkpoints see the same parameters."""
+        self.lm.set_adapter(adapter)
+        for n, p in self.named_parameters():
+            p.requires_grad_(n in self._trainable)
+
+    def decoder(self):
+        return self.lm.get_base_model().get_decoder()
+
+
+def ppo_models(policy: Source, reward_spec: str, mc: ModelConfig, device: str, log=None):
+    """Build PPOModels from an sft run (`policy`, merged into the base) and an RM run dir trained --from the
+    same sft run, or a rule judge (then the value adapter and head start fresh). Returns (models, RM Source|None)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    base_source = policy.as_base()
+    rm_source = None
+    if ".py:" not in reward_spec:  # else a rule judge: path/rule.py:function
+        rm_source = resolve(reward_spec, log)
+        if not rm_source.run_dir or (rm_source.manifest or {}).get("stage") != "rm":
+            stage = (rm_source.manifest or {}).get("stage", "a plain model")
+            raise InstructError(f"--reward {reward_spec}: not a reward model run dir (it is {stage})", 2)
+        same = [str(Path(d).resolve()) for d in rm_source.merged] == \
+            [str(Path(d).resolve()) for d in base_source.merged] and rm_source.base == base_source.base
+        if not same:
+            raise InstructError(f"--reward {reward_spec}: trained on another base than --policy {policy.spec}; "
+                                f"one shared base needs `instruct rm ... --from {policy.spec}`", 2)
+    base = load_base(base_source, mc, device)
+    hidden = base.config.hidden_size
+    value_head = torch.nn.Linear(hidden, 1)
+    if rm_source:
+        lm = PeftModel.from_pretrained(base, rm_source.run_dir, adapter_name=REWARD)
+        lm.load_adapter(rm_source.run_dir, adapter_name=VALUE, is_trainable=True)
+        lm.add_adapter(POLICY, lora_config(mc))
+        reward = RewardModel(lm, hidden)
+        reward.head.load_state_dict(load_file(str(Path(rm_source.run_dir) / SCORE_HEAD)))
+        reward.bias = float(rm_source.manifest.get("reward_norm", {}).get("bias", 0.0))
+        value_head.load_state_dict(reward.head.state_dict())
+    else:
+        from peft import get_peft_model
+
+        lm = get_peft_model(base, lora_config(mc))
+        lm.add_adapter(VALUE, lora_config(mc))
+        reward = None
+        torch.nn.init.zeros_(value_head.weight)
+        torch.nn.init.zeros_(value_head.bias)
+    for n, p in lm.named_parameters():
+        p.requires_grad_(f".{POLICY}." in n or f".{VALUE}." in n)
+    if reward is not None:
+        for p in reward.head.parameters():
+            p.requires_grad_(False)
+    models = PPOModels(lm, reward, value_head).to(device)
+    models.use(POLICY)
+    return models, rm_source

@@ -8,23 +8,6 @@ from instructcli import console, data, models
 from instructcli.config import SampleConfig
 
 
-def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
-             max_new_tokens: int, device: str) -> list[list[list[int]]]:
-    """Left-padded batch generation; returns, per prompt, n lists of new token ids (up to and excluding EOS)."""
-    batch = {k: v.to(device) for k, v in data.collate_prompts(prompt_ids, tok.pad_token_id).items()}
-    kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, top_k=None, **kw)
-    new = out[:, batch["input_ids"].shape[1]:].tolist()
-    stops = {tok.eos_token_id, tok.pad_token_id} - {None}
-    cut = []
-    for seq in new:
-        end = next((i for i, x in enumerate(seq) if x in stops), len(seq))
-        cut.append(seq[:end])
-    return [cut[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
-
-
 def run(cfg: SampleConfig) -> int:
     mc = cfg.model
     console.set_quiet(cfg.quiet)
@@ -44,7 +27,7 @@ def run(cfg: SampleConfig) -> int:
     with data.JsonlWriter(cfg.out) as out, console.Bar(len(rows), "sample") as bar:
         for b in range(0, len(rows), cfg.batch_size):
             torch.manual_seed(cfg.seed + b)  # each batch seeded on its own: output independent of earlier batches
-            outs = generate(model, tok, encoded[b:b + cfg.batch_size], cfg.n, cfg.temperature, cfg.top_p,
+            outs = models.generate(model, tok, encoded[b:b + cfg.batch_size], cfg.n, cfg.temperature, cfg.top_p,
                             cfg.max_new_tokens, device)
             for p, seqs in zip(rows[b:b + cfg.batch_size], outs):
                 row = {"id": p.id, "prompt": p.prompt,

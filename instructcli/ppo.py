@@ -1,0 +1,210 @@
+"""Stage 3, PPO with a per-token KL penalty and PPO-ptx (cleanrl style: numbered phases, one line per loss term).
+
+Policy, reference, reward and value share one frozen base (models.PPOModels): the reference is the SFT model
+itself (merged into the base, adapters off), so it costs no weights.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from instructcli import console, data, judge, models, rlhf
+from instructcli.config import PPOConfig, to_dict
+from instructcli.errors import InstructError
+from instructcli.models import POLICY, REWARD, VALUE
+
+MAX_BAD_STEPS = 5
+
+
+def train(cfg: PPOConfig) -> Path:
+    mc = cfg.model
+    console.set_quiet(cfg.quiet)
+    if cfg.ptx_coef > 0 and not cfg.ptx_data:
+        raise InstructError("--ptx-coef > 0 needs --ptx-data (pretraining rows); --ptx-coef 0 is plain PPO", 2)
+    if cfg.rollout_batch_size % cfg.mini_batch_size:
+        raise InstructError("--rollout-batch-size must be a multiple of --mini-batch-size", 2)
+    run = models.RunDir(cfg.out, cfg.overwrite, cfg.resume)
+
+    # 0. data and models
+    prompts = data.load(cfg.prompts, "prompts", cfg.skip_invalid, console.warn)
+    ptx = data.load(cfg.ptx_data, "pretraining", cfg.skip_invalid, console.warn) if cfg.ptx_coef > 0 else None
+    rule = judge.load_rule(cfg.reward) if ".py:" in cfg.reward else None
+    policy_source = models.resolve(cfg.policy, console.log)
+    tok = models.load_tokenizer(policy_source, mc.trust_remote_code)
+    stats = data.OverflowStats()
+    queries = [data.fit_length(data.encode_prompt(tok, p.messages), None, cfg.max_prompt_len, "truncate", stats,
+                               f"{prompts.path}: id {p.id}", keep="end")[0] for p in prompts.records]
+    ptx_set = []
+    for i, r in enumerate(ptx.records if ptx else []):
+        ids = data.encode_text(tok, r.text)
+        fitted = data.fit_length(ids, ids, cfg.max_len, "truncate", data.OverflowStats(), f"{cfg.ptx_data}: {i + 1}")
+        if fitted:
+            ptx_set.append(fitted)
+    models.seed_everything(cfg.seed)
+    device = models.pick_device()
+    m, rm_source = models.ppo_models(policy_source, cfg.reward, mc, device, console.log)
+    m.eval()  # no dropout: old and new log-probs must come from the same function
+    params = [p for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    kl_ctl = (rlhf.AdaptiveKLController(cfg.kl, cfg.target_kl, cfg.horizon) if cfg.target_kl > 0
+              else rlhf.FixedKLController(cfg.kl))
+    console.log(f"ppo: {len(queries)} prompts, {cfg.steps} steps of {cfg.rollout_batch_size} rollouts, "
+                f"{sum(p.numel() for p in params):,} trainable parameters (policy + value) on one {mc.quant} base "
+                f"on {device}; kl {cfg.kl}{f' -> target {cfg.target_kl}' if cfg.target_kl else ''}, "
+                f"ptx {cfg.ptx_coef if ptx else 0}")
+    start = 0
+    if cfg.resume and (state := run.load_checkpoint(m, optimizer, scheduler)):
+        start, kl_ctl.value = state["step"], state["extra"]["kl_coef"]
+        run.truncate_metrics(start)
+        console.log(f"resumed from step {start}")
+    run.create()
+    metrics = console.Metrics(run.metrics_path)
+    order = data.EpochOrder(len(queries), cfg.seed)
+    guard = console.NonFiniteGuard(MAX_BAD_STEPS)
+    B = cfg.rollout_batch_size
+
+    def forward(ids, attn, pos, P, adapter):
+        """Logits (policy/reference) or values at the positions that predict each response token."""
+        if adapter == VALUE:
+            m.use(VALUE)
+            h = m.decoder()(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+            return m.value_head(h[:, P - 1:-1].float()).squeeze(-1)
+        m.use(POLICY)
+        logits = m.lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
+        return logits[:, P - 1:-1].float() / cfg.temperature
+
+    def score(idx, texts, ended) -> torch.Tensor:
+        if rule:
+            s = [float(rule(prompts.records[i].prompt, t)) for i, t in zip(idx, texts)]
+        else:
+            enc = [data.encode_responses(tok, prompts.records[i].messages, [t], 1024, "truncate",
+                                         data.OverflowStats(), "")[0] for i, t in zip(idx, texts)]
+            batch = data.collate_sequences(enc, tok.pad_token_id)
+            m.use(REWARD)
+            s = m.reward.score(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+        s = torch.tensor(s, device=device)
+        s = s - cfg.missing_eos_penalty * (~ended).float()
+        return s.clamp(-cfg.reward_clip, cfg.reward_clip) if cfg.reward_clip > 0 else s
+
+    last = {}
+    with console.Interrupt() as interrupt, console.Bar(cfg.steps, "ppo", completed=start) as bar:
+        for step in range(start, cfg.steps):
+            # 1. rollout: sample responses from the policy
+            t0 = time.time()
+            idx = [order[step * B + i] for i in range(B)]
+            m.use(POLICY)
+            responses = [r[0] for r in models.generate(m.lm, tok, [queries[i] for i in idx], 1, cfg.temperature,
+                                                       cfg.top_p, cfg.max_new_tokens, device)]
+            ended = torch.tensor([len(r) > 0 and r[-1] == tok.eos_token_id for r in responses], device=device)
+            q = data.collate_prompts([queries[i] for i in idx], tok.pad_token_id)
+            r = data.collate_sequences([x or [tok.pad_token_id] for x in responses], tok.pad_token_id)
+            r["attention_mask"][[i for i, x in enumerate(responses) if not x], 0] = 0  # an empty response
+            P = q["input_ids"].shape[1]
+            ids = torch.cat([q["input_ids"], r["input_ids"]], 1).to(device)
+            attn = torch.cat([q["attention_mask"], r["attention_mask"]], 1).to(device)
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            resp, mask = ids[:, P:], attn[:, P:].float()
+            rollout_s = time.time() - t0
+
+            # 2. score, log-probs under policy and reference, values
+            t1 = time.time()
+            with torch.no_grad():
+                texts = [tok.decode(x, skip_special_tokens=True).strip() for x in responses]
+                scores = score(idx, texts, ended)
+                logits = forward(ids, attn, pos, P, POLICY)
+                logprobs = rlhf.logprobs_from_logits(logits, resp)
+                entropy = rlhf.masked_mean(rlhf.entropy_from_logits(logits), mask).item()
+                del logits
+                with m.lm.disable_adapter():  # the reference: the SFT model, which is the base itself
+                    ref_logprobs = rlhf.logprobs_from_logits(
+                        m.lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+                        .logits[:, P - 1:-1].float() / cfg.temperature, resp)
+                values = forward(ids, attn, pos, P, VALUE)
+
+                # 3. rewards (per-token KL penalty + score on the last token) and GAE advantages
+                rewards, kl = rlhf.compute_rewards(scores, logprobs, ref_logprobs, mask, kl_ctl.value)
+                advantages, returns = rlhf.gae(values, rewards, mask, cfg.gamma, cfg.lam)
+                if cfg.whiten:
+                    advantages = rlhf.whiten(advantages, mask)
+            if not torch.isfinite(scores).all() or not torch.isfinite(advantages).all():
+                guard.ok(step + 1, float("nan"), 0.0, optimizer)  # warns; aborts after repeated failures
+                continue
+
+            # 4. optimise: PPO epochs over mini-batches; policy (+ ptx) then value, one optimizer step each
+            stats = {k: [] for k in ("policy_loss", "value_loss", "ptx_loss", "clipfrac", "approx_kl",
+                                     "vf_clipfrac")}
+            for _ in range(cfg.ppo_epochs):
+                for mb in torch.randperm(B).split(cfg.mini_batch_size):
+                    mb = mb.to(device)
+                    new_logprobs = rlhf.logprobs_from_logits(forward(ids[mb], attn[mb], pos[mb], P, POLICY), resp[mb])
+                    pg_loss, pg_stats = rlhf.policy_loss(new_logprobs, logprobs[mb], advantages[mb], mask[mb],
+                                                         cfg.cliprange)
+                    ptx_loss = torch.zeros((), device=device)
+                    if ptx_set:
+                        pick = torch.randint(len(ptx_set), (cfg.ptx_batch_size,)).tolist()
+                        pb = {k: v.to(device) for k, v in data.collate([ptx_set[i] for i in pick],
+                                                                       tok.pad_token_id).items()}
+                        s, n = rlhf.lm_loss_sum(m.lm(input_ids=pb["input_ids"], attention_mask=pb["attention_mask"],
+                                                     use_cache=False).logits, pb["labels"])
+                        ptx_loss = s / max(n, 1)
+                    (pg_loss + cfg.ptx_coef * ptx_loss).backward()
+                    vpred = forward(ids[mb], attn[mb], pos[mb], P, VALUE)
+                    vf_loss, vf_stats = rlhf.value_loss(vpred, values[mb], returns[mb], mask[mb], cfg.cliprange_value)
+                    (cfg.vf_coef * vf_loss).backward()
+                    total = pg_loss.item() + cfg.ptx_coef * ptx_loss.item() + cfg.vf_coef * vf_loss.item()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+                    if not guard.ok(step + 1, total, grad_norm, optimizer):
+                        continue
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    for k, v in (("policy_loss", pg_loss.item()), ("value_loss", vf_loss.item()),
+                                 ("ptx_loss", ptx_loss.item()), *pg_stats.items(), *vf_stats.items()):
+                        stats[k].append(v)
+            mean_kl = kl.sum(1).mean().item()
+            kl_coef = kl_ctl.value
+            kl_ctl.update(mean_kl, B)
+
+            done = step + 1
+            n_tokens = int(mask.sum().item())
+            last = {"step": done, "score": scores.mean().item(), "reward": rewards.sum(1).mean().item(),
+                    "kl": mean_kl, "kl_coef": kl_coef, "entropy": entropy,
+                    **{k: sum(v) / len(v) for k, v in stats.items() if v},
+                    "response_len": mask.sum(1).mean().item(), "no_eos": (~ended).float().mean().item(),
+                    "tokens_per_s": n_tokens / max(rollout_s, 1e-9), "rollout_s": rollout_s,
+                    "optimise_s": time.time() - t1, "peak_mem_mb": round(console.peak_memory_mb(), 1)}
+            metrics.write(last)
+            bar.update(1, f"score {last['score']:.3f} kl {mean_kl:.3f}")
+            console.log(f"step {done}: score {last['score']:.3f} kl {mean_kl:.3f} "
+                        f"len {last['response_len']:.1f} ({rollout_s:.1f}s rollout, {last['optimise_s']:.1f}s optimise)")
+            if (cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps) or \
+                    (interrupt.requested and done < cfg.steps):
+                run.save_checkpoint(done, m, optimizer, scheduler, {"kl_coef": kl_ctl.value}, cfg.keep_checkpoints)
+            if interrupt.requested and done < cfg.steps:
+                metrics.close()
+                console.log(f"stopped at step {done}; continue with the same command plus --resume")
+                raise KeyboardInterrupt
+    metrics.close()
+
+    # 5. save the policy adapter (a run dir that sample/export accept like an sft one) and the value head
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in m.value_head.state_dict().items()},
+              str(run.work / "value_head.safetensors"))
+    lineage = models.lineage(policy_source)
+    if rm_source:
+        lineage["parents"].append({"dir": str(Path(rm_source.run_dir).resolve()),
+                                   "hash": models.dir_hash(rm_source.run_dir), "stage": "rm"})
+    out = run.finish(m.lm, tok, {
+        "stage": "ppo",
+        **lineage,
+        "data": {"prompts": prompts.describe(), "ptx": ptx.describe() if ptx else None},
+        "config": to_dict(cfg),
+        "metrics": last,
+    }, adapters=[POLICY])
+    console.log(f"ppo: done; saved to {out}")
+    return out
