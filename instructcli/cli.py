@@ -68,6 +68,19 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars 
 SkipOpt = Annotated[bool, typer.Option("--skip-invalid", help="Skip and count invalid rows instead of stopping.")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed (runs are deterministic on CPU).")]
 
+OutOpt = Annotated[str, typer.Option("--out", "-o", help="Output run dir.")]
+MaxStepsOpt = Annotated[int, typer.Option(help="Optimizer steps; 0 = use --epochs.")]
+ScheduleOpt = Annotated[str, typer.Option(help="cosine | linear | constant, after warmup.")]
+WarmupOpt = Annotated[float, typer.Option(help="Warmup as a fraction of the steps.")]
+WeightDecayOpt = Annotated[float, typer.Option(help="AdamW weight decay.")]
+MaxGradNormOpt = Annotated[float, typer.Option(help="Gradient clipping norm.")]
+GradAccumOpt = Annotated[int, typer.Option(help="Micro-batches per optimizer step.")]
+SaveEveryOpt = Annotated[int, typer.Option(help="Resumable checkpoint every N steps (0 = none).")]
+KeepOpt = Annotated[int, typer.Option(help="How many recent checkpoints to keep.")]
+LogEveryOpt = Annotated[int, typer.Option(help="Write metrics.jsonl every N steps.")]
+OverflowOpt = Annotated[str, typer.Option(help="Longer examples: truncate | drop | error.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output dir.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")]
 
 def _check(name: str, value, choices) -> None:
     if value not in choices:
@@ -119,7 +132,7 @@ def _model_checks(p: dict) -> None:
 def sft(
     ctx: typer.Context,
     data: Annotated[str, typer.Argument(help="Demonstrations JSONL ({prompt, response} or {messages}); - = stdin.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Output run dir.")] = "runs/sft",
+    out: OutOpt = "runs/sft",
     model: ModelOpt = "default",
     quant: QuantOpt = "none",
     dtype: DtypeOpt = "auto",
@@ -130,25 +143,25 @@ def sft(
     lora_targets: LoraTargetsOpt = "all-linear",
     trust_remote_code: TrustOpt = False,
     epochs: Annotated[float, typer.Option(help="Passes over the training rows (ignored with --max-steps).")] = 1.0,
-    max_steps: Annotated[int, typer.Option(help="Optimizer steps; 0 = use --epochs.")] = 0,
+    max_steps: MaxStepsOpt = 0,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
-    schedule: Annotated[str, typer.Option(help="cosine | linear | constant, after warmup.")] = "cosine",
-    warmup: Annotated[float, typer.Option(help="Warmup as a fraction of the steps.")] = 0.05,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
-    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm.")] = 1.0,
+    schedule: ScheduleOpt = "cosine",
+    warmup: WarmupOpt = 0.05,
+    weight_decay: WeightDecayOpt = 0.0,
+    max_grad_norm: MaxGradNormOpt = 1.0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Examples per micro-batch.")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    grad_accum: GradAccumOpt = 1,
     eval_frac: Annotated[float, typer.Option(help="Share of rows held out for eval loss (0 = none).")] = 0.05,
     eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (and at the end).")] = 50,
-    save_every: Annotated[int, typer.Option(help="Resumable checkpoint every N steps (0 = none).")] = 100,
-    keep_checkpoints: Annotated[int, typer.Option(help="How many recent checkpoints to keep.")] = 2,
-    log_every: Annotated[int, typer.Option(help="Write metrics.jsonl every N steps.")] = 1,
+    save_every: SaveEveryOpt = 100,
+    keep_checkpoints: KeepOpt = 2,
+    log_every: LogEveryOpt = 1,
     seed: SeedOpt = 0,
     max_len: Annotated[int, typer.Option(help="Max tokens per example (prompt + response).")] = 512,
-    overflow: Annotated[str, typer.Option(help="Longer examples: truncate | drop | error.")] = "truncate",
+    overflow: OverflowOpt = "truncate",
     skip_invalid: SkipOpt = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output dir.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")] = False,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
     print_config: PrintConfigOpt = False,
@@ -172,7 +185,7 @@ def sft(
 def rm(
     ctx: typer.Context,
     data: Annotated[str, typer.Argument(help="Comparisons JSONL (K-way responses+ranks, or chosen/rejected).")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Output run dir.")] = "runs/rm",
+    out: OutOpt = "runs/rm",
     from_dir: Annotated[Optional[str], typer.Option("--from", help="Start from this sft run dir (merged into "
                                                     "the base), as the paper does.")] = None,
     model: ModelOpt = "default",
@@ -184,28 +197,28 @@ def rm(
     lora_targets: LoraTargetsOpt = "all-linear",
     trust_remote_code: TrustOpt = False,
     epochs: Annotated[float, typer.Option(help="Passes over the training prompts (the paper: 1).")] = 1.0,
-    max_steps: Annotated[int, typer.Option(help="Optimizer steps; 0 = use --epochs.")] = 0,
+    max_steps: MaxStepsOpt = 0,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-4,
-    schedule: Annotated[str, typer.Option(help="cosine | linear | constant, after warmup.")] = "cosine",
-    warmup: Annotated[float, typer.Option(help="Warmup as a fraction of the steps.")] = 0.05,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
-    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm.")] = 1.0,
+    schedule: ScheduleOpt = "cosine",
+    warmup: WarmupOpt = 0.05,
+    weight_decay: WeightDecayOpt = 0.0,
+    max_grad_norm: MaxGradNormOpt = 1.0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts (each with all K responses) "
                                             "per micro-batch.")] = 4,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    grad_accum: GradAccumOpt = 1,
     eval_frac: Annotated[float, typer.Option(help="Share of prompts held out for accuracy (0 = none).")] = 0.1,
     eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (and at the end).")] = 20,
-    save_every: Annotated[int, typer.Option(help="Resumable checkpoint every N steps (0 = none).")] = 100,
-    keep_checkpoints: Annotated[int, typer.Option(help="How many recent checkpoints to keep.")] = 2,
-    log_every: Annotated[int, typer.Option(help="Write metrics.jsonl every N steps.")] = 1,
+    save_every: SaveEveryOpt = 100,
+    keep_checkpoints: KeepOpt = 2,
+    log_every: LogEveryOpt = 1,
     seed: SeedOpt = 0,
     max_len: Annotated[int, typer.Option(help="Max tokens per prompt + response.")] = 512,
-    overflow: Annotated[str, typer.Option(help="Longer examples: truncate | drop | error.")] = "truncate",
+    overflow: OverflowOpt = "truncate",
     norm_data: Annotated[str, typer.Option(help="Demonstrations JSONL that should score 0 on average "
                                            "(default: the best-ranked training responses).")] = "",
     skip_invalid: SkipOpt = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output dir.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")] = False,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
     print_config: PrintConfigOpt = False,
@@ -281,7 +294,7 @@ def ppo(
     reward: Annotated[str, typer.Option(help="An rm run dir trained --from the same sft run, or "
                                         "path/rule.py:function (runs that local Python file).")],
     prompts: Annotated[str, typer.Option("--prompts", "-p", help="Prompts JSONL for rollouts.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Output run dir.")] = "runs/ppo",
+    out: OutOpt = "runs/ppo",
     ptx_data: Annotated[str, typer.Option(help="Pretraining rows {text} for PPO-ptx.")] = "",
     ptx_coef: Annotated[float, typer.Option(help="gamma: weight of the pretraining LM loss (paper 27.8; "
                                             "0 = plain PPO).")] = 27.8,
@@ -300,7 +313,7 @@ def ppo(
     gamma: Annotated[float, typer.Option(help="GAE discount.")] = 1.0,
     lam: Annotated[float, typer.Option(help="GAE lambda.")] = 0.95,
     whiten: Annotated[bool, typer.Option(help="Whiten advantages.")] = True,
-    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm.")] = 1.0,
+    max_grad_norm: MaxGradNormOpt = 1.0,
     temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Rollout nucleus sampling.")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help="Max tokens per rollout response.")] = 48,
@@ -316,12 +329,12 @@ def ppo(
     lora_dropout: LoraDropoutOpt = 0.0,
     lora_targets: LoraTargetsOpt = "all-linear",
     trust_remote_code: TrustOpt = False,
-    save_every: Annotated[int, typer.Option(help="Resumable checkpoint every N steps (0 = none).")] = 10,
-    keep_checkpoints: Annotated[int, typer.Option(help="How many recent checkpoints to keep.")] = 2,
+    save_every: SaveEveryOpt = 10,
+    keep_checkpoints: KeepOpt = 2,
     seed: SeedOpt = 0,
     skip_invalid: SkipOpt = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output dir.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")] = False,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
     print_config: PrintConfigOpt = False,
