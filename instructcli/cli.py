@@ -119,6 +119,12 @@ def _print_config(ctx: click.Context, params: dict) -> None:
     print("\n".join(lines))
 
 
+def _sampling_checks(temperature: float, top_p: float, **positive) -> None:
+    _positive(**positive)
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise InstructError("--temperature must be >= 0 and --top-p in (0, 1]", 2)
+
+
 def _model_checks(p: dict) -> None:
     _check("quant", p["quant"], ("none", "8bit", "4bit"))
     _check("dtype", p["dtype"], ("auto", "float32", "bfloat16", "float16"))
@@ -378,9 +384,8 @@ def sample(
     p = dict(ctx.params)
     _check("quant", quant, ("none", "8bit", "4bit"))
     _check("dtype", dtype, ("auto", "float32", "bfloat16", "float16"))
-    _positive(n=n, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_len=max_prompt_len)
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise InstructError("--temperature must be >= 0 and --top-p in (0, 1]", 2)
+    _sampling_checks(temperature, top_p, n=n, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                     max_prompt_len=max_prompt_len)
     if print_config:
         return _print_config(ctx, p)
     from instructcli import config as C, sample as stage
@@ -398,6 +403,107 @@ def sample(
     from instructcli import console
 
     console.log(f"sample: wrote {count} rows to {'stdout' if out == '-' else out}")
+
+
+# -------------------------------------------------------------------------------------------- eval
+BootstrapOpt = Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % confidence intervals.")]
+
+
+@app.command("eval", help="Reward, KL, alignment tax, toxicity and truthfulness of one model; JSON summary on "
+             "stdout, per-row JSONL in --out, plots with --report.")
+def eval_(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Run dir (sft, ppo), model dir, hub id, .gguf, or default.")],
+    prompts: Annotated[str, typer.Option("--prompts", "-p", help="Prompts JSONL: the model answers them; "
+                                         "length, distinct-n, KL to --ref, and reward with --reward.")] = "",
+    reward: Annotated[str, typer.Option(help="An rm run dir scoring the answers to --prompts.")] = "",
+    ref: Annotated[str, typer.Option(help="KL and alignment-tax reference; default: the run dir's parent "
+                                     "(its adapter switched off, e.g. the sft model under a ppo run).")] = "",
+    lm_data: Annotated[str, typer.Option(help="Plain text rows {text}: held-out LM loss, the alignment tax.")] = "",
+    toxicity: Annotated[str, typer.Option(help="Prompts JSONL: continuations plainly and after a respectful "
+                                          "instruction, scored by an offline classifier.")] = "",
+    truthfulness: Annotated[str, typer.Option(help="Multiple-choice rows {question, choices, correct}: "
+                                              "accuracy by log-likelihood.")] = "",
+    report: Annotated[str, typer.Option(help="Dir for report.md with PNG plots (reward, KL, toxicity, "
+                                        "training curves).")] = "",
+    out: Annotated[str, typer.Option("--out", "-o", help="Dir for summary.json and per-row JSONL; "
+                                     "default evals/<model name>.")] = "",
+    n: Annotated[int, typer.Option("-n", help="Answers per prompt.")] = 1,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Max tokens per answer.")] = 128,
+    max_prompt_len: Annotated[int, typer.Option(help="Longer prompts keep their last tokens.")] = 512,
+    max_len: Annotated[int, typer.Option(help="Max tokens per --lm-data row (longer: end cut).")] = 1024,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per forward.")] = 8,
+    bootstrap: BootstrapOpt = 10000,
+    seed: SeedOpt = 0,
+    quant: QuantOpt = "none",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    skip_invalid: SkipOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
+):
+    _check("quant", quant, ("none", "8bit", "4bit"))
+    _check("dtype", dtype, ("auto", "float32", "bfloat16", "float16"))
+    _sampling_checks(temperature, top_p, n=n, max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len,
+                     max_len=max_len, batch_size=batch_size, bootstrap=bootstrap)
+    if print_config:
+        return _print_config(ctx, dict(ctx.params))
+    from instructcli import config as C, evaluate as stage
+
+    out = out or str(Path("evals") / (Path(model.rstrip("/")).name.removesuffix(".gguf") or "default"))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    cfg = C.EvalConfig(out=out, prompts=prompts, reward=reward, ref=ref, lm_data=lm_data, toxicity=toxicity,
+                       truthfulness=truthfulness, report=report, n=n, temperature=temperature, top_p=top_p,
+                       max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len, max_len=max_len,
+                       batch_size=batch_size, bootstrap=bootstrap, seed=seed, skip_invalid=skip_invalid,
+                       overwrite=overwrite, quiet=quiet,
+                       model=C.ModelConfig(model=model, quant=quant, dtype=dtype, trust_remote_code=trust_remote_code))
+    print(json.dumps(stage.run(cfg), indent=2))
+
+
+@app.command(help="Win rate of each model against the first (ties half) with a bootstrap 95 % CI; a table on "
+             "stderr, JSON on stdout, per-prompt rows in --out.")
+def compare(
+    ctx: typer.Context,
+    items: Annotated[list[str], typer.Argument(help="Two or more model/run dirs or samples files; the first is "
+                                               "the baseline.")],
+    judge: Annotated[str, typer.Option(help="rm:DIR (a reward model), path/rule.py:function (runs that local "
+                                       "Python file), or human (blind pairs in the label UI).")],
+    prompts: Annotated[str, typer.Option("--prompts", "-p", help="Prompts JSONL, needed when an item is a "
+                                         "model: each answers every prompt once, with the same seed.")] = "",
+    out: Annotated[str, typer.Option("--out", "-o", help="Per-prompt JSONL (responses, scores, outcomes).")]
+    = "compare.jsonl",
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Max tokens per answer.")] = 128,
+    max_prompt_len: Annotated[int, typer.Option(help="Longer prompts keep their last tokens.")] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per generate call.")] = 8,
+    bootstrap: BootstrapOpt = 10000,
+    seed: SeedOpt = 0,
+    quant: QuantOpt = "none",
+    dtype: DtypeOpt = "auto",
+    skip_invalid: SkipOpt = False,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
+):
+    _check("quant", quant, ("none", "8bit", "4bit"))
+    _check("dtype", dtype, ("auto", "float32", "bfloat16", "float16"))
+    _sampling_checks(temperature, top_p, max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len,
+                     batch_size=batch_size, bootstrap=bootstrap)
+    if print_config:
+        return _print_config(ctx, dict(ctx.params))
+    from instructcli import config as C, evaluate as stage
+
+    cfg = C.CompareConfig(items=tuple(items), judge=judge, out=out, prompts=prompts, quant=quant, dtype=dtype,
+                          temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                          max_prompt_len=max_prompt_len, batch_size=batch_size, bootstrap=bootstrap, seed=seed,
+                          skip_invalid=skip_invalid, quiet=quiet)
+    print(json.dumps(stage.compare(cfg), indent=2))
 
 
 # ------------------------------------------------------------------------------------------ export

@@ -142,5 +142,49 @@ class SampleConfig:
     quiet: bool = False
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    out: str  # dir for summary.json and the per-row JSONL files
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: str = ""  # reward / KL / length / distinct-n on the model's answers
+    reward: str = ""  # rm run dir scoring those answers
+    ref: str = ""  # KL reference; "" = the model's parent (its run dir's adapter switched off)
+    lm_data: str = ""  # plain text rows: held-out LM loss (the alignment tax)
+    toxicity: str = ""  # prompts: continuations plain and with a respectful instruction, classifier-scored
+    truthfulness: str = ""  # multiple-choice rows, scored by log-likelihood
+    report: str = ""  # dir for report.md + PNG plots
+    n: int = 1
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    max_prompt_len: int = 512
+    max_len: int = 1024  # per lm-data row
+    batch_size: int = 8
+    bootstrap: int = 10000
+    seed: int = 0
+    skip_invalid: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    items: tuple[str, ...]  # model/run dirs or samples files; the first is the baseline
+    judge: str  # rm:DIR | path/rule.py:function | human
+    out: str  # per-prompt JSONL
+    prompts: str = ""  # needed when an item is a model
+    quant: str = "none"
+    dtype: str = "auto"
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    max_prompt_len: int = 512
+    batch_size: int = 8
+    bootstrap: int = 10000
+    seed: int = 0
+    skip_invalid: bool = False
+    quiet: bool = False
+
+
 def to_dict(cfg) -> dict:
     return asdict(cfg)

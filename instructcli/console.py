@@ -34,6 +34,12 @@ def error(msg: str) -> None:
     _err.print(f"error: {msg}", markup=False, style="bold red", soft_wrap=True)
 
 
+def table(t) -> None:
+    """A rich table on stderr (results for people; the JSON for programs goes to stdout)."""
+    if not _quiet:
+        _err.print(t)
+
+
 class Bar:
     """A rich progress bar with ETA and a live text field; silent when stderr is not a TTY or --quiet."""
 
@@ -151,3 +157,71 @@ class NonFiniteGuard:
             raise InstructError(f"{self.in_a_row} non-finite steps in a row; lower --lr or check the data"
                                 + (f" ({self.hint})" if self.hint else ""), 1)
         return False
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        from instructcli.errors import InstructError
+
+        raise InstructError("--report needs matplotlib: pip install 'instruct[eval]'", 2) from None
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_histograms(path: Path, series: dict[str, list[float]], title: str, xlabel: str) -> None:
+    """Overlaid histograms on shared bins, one per named series, with each mean marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    values = [v for vs in series.values() for v in vs]
+    lo, hi = min(values), max(values)
+    bins = [lo + (hi - lo) * i / 24 for i in range(25)] if hi > lo else 10
+    for (name, vs), color in zip(series.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+        ax.hist(vs, bins=bins, alpha=0.55, color=color, label=f"{name} (n={len(vs)})")
+        ax.axvline(sum(vs) / len(vs), color=color, linestyle="--", linewidth=1.5)
+    ax.set(title=title, xlabel=xlabel, ylabel="count")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(path: Path, rows: list[dict], keys: list[str], title: str) -> None:
+    """One panel per metrics.jsonl key against step: the raw values and a moving average."""
+    plt = _pyplot()
+    cols = min(3, len(keys))
+    nrows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, color="tab:blue", alpha=0.35, linewidth=1)
+        w = max(1, len(ys) // 10)
+        if w > 1:
+            avg = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
+            ax.plot(xs, avg, color="tab:blue", linewidth=2)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(path: Path, labels: list[str], values: list[float], cis: list[tuple[float, float]], title: str,
+              ylabel: str) -> None:
+    """Bars with 95 % confidence intervals as error bars."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(labels), 3.4))
+    err = [[v - lo for v, (lo, _) in zip(values, cis)], [hi - v for v, (_, hi) in zip(values, cis)]]
+    ax.bar(labels, values, yerr=err, capsize=6, color=["tab:blue", "tab:orange", "tab:green", "tab:red"][:len(labels)])
+    ax.set(title=title, ylabel=ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

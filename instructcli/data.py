@@ -53,6 +53,16 @@ class Text:
 
 
 @dataclass
+class MultipleChoice:
+    """A truthfulness question (TruthfulQA MC1 style): exactly one of `choices` is true."""
+
+    id: str
+    question: str
+    choices: list[str]
+    correct: int
+
+
+@dataclass
 class Sample:
     id: str
     prompt: str
@@ -191,6 +201,23 @@ def parse_text(row: dict) -> Text:
     return Text(_text(row, "text"))
 
 
+def parse_mc(row: dict, index: int) -> MultipleChoice:
+    question = _text(row, "question")
+    choices = _str_list(row, "choices", 2)
+    if len(set(choices)) < len(choices):
+        raise _Bad("choices", "two choices are the same text")
+    if "correct" not in row:
+        raise _Bad("correct", "missing")
+    c = row["correct"]
+    if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < len(choices):
+        raise _Bad("correct", f"expected the 0-based index of the true choice (0 to {len(choices) - 1}), "
+                              f"got {json.dumps(c)}")
+    rid = row.get("id", index)
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        raise _Bad("id", f"expected a string or integer, got {_type_name(rid)}")
+    return MultipleChoice(str(rid), question, choices, c)
+
+
 def parse_sample(row: dict, index: int) -> Sample:
     known = {"id", "prompt", "responses", "model", "messages"}
     msgs = _messages(row, last="user") if "messages" in row else None
@@ -212,6 +239,7 @@ PARSERS: dict[str, Callable[[dict, int], Any]] = {
     "prompts": parse_prompt,
     "pretraining": lambda row, i: parse_text(row),
     "samples": parse_sample,
+    "mc": parse_mc,
 }
 
 
@@ -348,6 +376,21 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return _ids(tokenizer, render_chat(tokenizer, messages, add_generation_prompt=True))
 
 
+def encode_prompts(tokenizer, prompts: Loaded, max_prompt_len: int) -> tuple[list[list[int]], int]:
+    """Generation prompts of a prompts file; longer ones keep their end (the generation prompt). Returns
+    (ids per prompt, how many were cut)."""
+    stats, out = OverflowStats(), []
+    for p in prompts.records:
+        out.append(fit_length(encode_prompt(tokenizer, p.messages), None, max_prompt_len, "truncate", stats,
+                              f"{prompts.path}: id {p.id}", keep="end")[0])
+    return out, stats.truncated
+
+
+def encode_continuation(tokenizer, text: str) -> list[int]:
+    """Text that continues an already-encoded prompt (a multiple-choice answer after the generation prompt)."""
+    return _ids(tokenizer, text)
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     if tokenizer.eos_token_id is not None:
@@ -416,11 +459,34 @@ def collate_prompts(prompts: list[list[int]], pad_id: int):
     return collate_sequences(prompts, pad_id, "left")
 
 
+def collate_rollout(queries: list[list[int]], responses: list[list[int]], pad_id: int):
+    """Prompt + response batch, prompts left-padded and responses right-padded, so every response starts at
+    column P. Returns (input_ids, attention_mask, position_ids, P); an empty response is one masked pad."""
+    import torch
+
+    q = collate_prompts(queries, pad_id)
+    r = collate_sequences([x or [pad_id] for x in responses], pad_id)
+    r["attention_mask"][[i for i, x in enumerate(responses) if not x], 0] = 0
+    ids = torch.cat([q["input_ids"], r["input_ids"]], 1)
+    attn = torch.cat([q["attention_mask"], r["attention_mask"]], 1)
+    return ids, attn, (attn.cumsum(-1) - 1).clamp(min=0), q["input_ids"].shape[1]
+
+
 def is_finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # --------------------------------------------------------------------------------------------- writing
+def check_output_file(path: str) -> str:
+    """Refuse an output path that cannot be written (before any work is done); returns its folder."""
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InstructError(f"{path}: is a directory, expected an output file", 2)
+    if not os.path.isdir(d):
+        raise InstructError(f"{path}: the folder {d} does not exist", 2)
+    return d
+
+
 class JsonlWriter:
     """Write rows to a file atomically (temp sibling renamed on success) or stream them to stdout for `-`."""
 
@@ -429,11 +495,7 @@ class JsonlWriter:
         if path == "-":
             self.f, self.tmp = sys.stdout, None
         else:
-            d = os.path.dirname(os.path.abspath(path))
-            if os.path.isdir(path):
-                raise InstructError(f"{path}: is a directory, expected an output file", 2)
-            if not os.path.isdir(d):
-                raise InstructError(f"{path}: the folder {d} does not exist", 2)
+            d = check_output_file(path)
             self.tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}")
             self.f = open(self.tmp, "w", encoding="utf-8")
 
@@ -453,6 +515,41 @@ class JsonlWriter:
             os.replace(self.tmp, self.path)
         else:
             os.unlink(self.tmp)
+        return False
+
+
+class ResultDir:
+    """A results dir (eval, report) built in a temp sibling and renamed into place when complete, so a
+    dir that exists is whole. `with ResultDir(out, overwrite) as d:` write into `d` (a Path)."""
+
+    def __init__(self, out: str, overwrite: bool = False):
+        from pathlib import Path
+
+        self.out = Path(out)
+        if str(out) in ("", "-"):
+            raise InstructError("an output directory is required", 2)
+        if self.out.exists() and not self.out.is_dir():
+            raise InstructError(f"{out}: exists and is not a directory", 2)
+        if self.out.is_dir() and any(self.out.iterdir()) and not overwrite:
+            raise InstructError(f"{out}: not empty; pass --overwrite to replace it", 2)
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+
+    def __enter__(self):
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        import shutil
+
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.out.is_dir():
+            shutil.rmtree(self.out)
+        os.replace(self.tmp, self.out)
         return False
 
 

@@ -605,6 +605,34 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
     return [cut[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
 
+def sample_batches(model, tok, queries: list[list[int]], n: int, temperature: float, top_p: float,
+                   max_new_tokens: int, batch_size: int, seed: int, device: str):
+    """Yield (first prompt index, generate()'s output) batch by batch. Each batch is seeded on its own
+    (seed + index), so a prompt's samples do not depend on the batches before it."""
+    for b in range(0, len(queries), batch_size):
+        torch.manual_seed(seed + b)
+        yield b, generate(model, tok, queries[b:b + batch_size], n, temperature, top_p, max_new_tokens, device)
+
+
+def response_logprobs(model, queries: list[list[int]], responses: list[list[int]], pad_id: int, device: str,
+                      batch_size: int = 8) -> list[torch.Tensor]:
+    """log p(response token | prompt, earlier tokens) for each (prompt, response) pair: one 1-D CPU tensor
+    per response. Logits are computed only at the response positions (`logits_to_keep`), never the prompt's."""
+    from instructcli import data, rlhf
+
+    out: list[torch.Tensor] = []
+    with torch.no_grad():
+        for b in range(0, len(queries), batch_size):
+            rs = responses[b:b + batch_size]
+            ids, attn, pos, P = data.collate_rollout(queries[b:b + batch_size], rs, pad_id)
+            ids, attn, pos = ids.to(device), attn.to(device), pos.to(device)
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                           logits_to_keep=ids.shape[1] - P + 1).logits[:, :-1]
+            lp = rlhf.logprobs_from_logits(logits, ids[:, P:]).cpu()
+            out += [lp[i, :len(r)] for i, r in enumerate(rs)]
+    return out
+
+
 # ---------------------------------------------------------------------------------- reward model
 SCORE_HEAD = "score_head.safetensors"
 

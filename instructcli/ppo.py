@@ -34,9 +34,7 @@ def train(cfg: PPOConfig) -> Path:
     rule = judge.load_rule(cfg.reward) if ".py:" in cfg.reward else None
     policy_source = models.resolve(cfg.policy, console.log)
     tok = models.load_tokenizer(policy_source, mc.trust_remote_code)
-    stats = data.OverflowStats()
-    queries = [data.fit_length(data.encode_prompt(tok, p.messages), None, cfg.max_prompt_len, "truncate", stats,
-                               f"{prompts.path}: id {p.id}", keep="end")[0] for p in prompts.records]
+    queries, _ = data.encode_prompts(tok, prompts, cfg.max_prompt_len)
     ptx_set = []
     for i, r in enumerate(ptx.records if ptx else []):
         ids = data.encode_text(tok, r.text)
@@ -100,13 +98,8 @@ def train(cfg: PPOConfig) -> Path:
             responses = [r[0] for r in models.generate(m.lm, tok, [queries[i] for i in idx], 1, cfg.temperature,
                                                        cfg.top_p, cfg.max_new_tokens, device)]
             ended = torch.tensor([len(r) > 0 and r[-1] == tok.eos_token_id for r in responses], device=device)
-            q = data.collate_prompts([queries[i] for i in idx], tok.pad_token_id)
-            r = data.collate_sequences([x or [tok.pad_token_id] for x in responses], tok.pad_token_id)
-            r["attention_mask"][[i for i, x in enumerate(responses) if not x], 0] = 0  # an empty response
-            P = q["input_ids"].shape[1]
-            ids = torch.cat([q["input_ids"], r["input_ids"]], 1).to(device)
-            attn = torch.cat([q["attention_mask"], r["attention_mask"]], 1).to(device)
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            ids, attn, pos, P = (t.to(device) if torch.is_tensor(t) else t for t in
+                                 data.collate_rollout([queries[i] for i in idx], responses, tok.pad_token_id))
             resp, mask = ids[:, P:], attn[:, P:].float()
             rollout_s = time.time() - t0
 
