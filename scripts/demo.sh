@@ -16,9 +16,8 @@ PPO_STEPS=${DEMO_PPO_STEPS:-4}       # ppo iterations of 8 rollouts
 PPO_BATCH=${DEMO_PPO_BATCH:-8}
 mkdir -p "$OUT"
 start=$(date +%s)
-# prompts 1..100 drive PPO; the last ones are held out for before/after samples
-tail -n "$PROMPTS" data_samples/prompts.jsonl > "$OUT/heldout_prompts.jsonl"
-head -n 100 data_samples/prompts.jsonl > "$OUT/ppo_prompts.jsonl"
+# data_samples/prompts.jsonl drives PPO; a few held-out prompts show the policy before and after
+tail -n "$PROMPTS" data_samples/prompts_heldout.jsonl > "$OUT/heldout_prompts.jsonl"
 
 echo "== 1. sft: $SFT_STEPS steps on data_samples/demonstrations.jsonl" >&2
 instruct sft data_samples/demonstrations.jsonl -o "$OUT/sft" --max-steps "$SFT_STEPS" -b 4 \
@@ -33,7 +32,7 @@ instruct rm data_samples/comparisons.jsonl --from "$OUT/sft" -o "$OUT/rm" --max-
   --max-len 256 --eval-every 6 --overwrite >/dev/null
 
 echo "== 4. ppo with ptx: $PPO_STEPS steps of $PPO_BATCH rollouts, kl 0.02, ptx-coef 27.8" >&2
-instruct ppo --policy "$OUT/sft" --reward "$OUT/rm" -p "$OUT/ppo_prompts.jsonl" \
+instruct ppo --policy "$OUT/sft" --reward "$OUT/rm" -p data_samples/prompts.jsonl \
   --ptx-data data_samples/pretrain.jsonl --kl 0.02 --ptx-coef 27.8 --steps "$PPO_STEPS" \
   --rollout-batch-size "$PPO_BATCH" --mini-batch-size "$PPO_BATCH" --ppo-epochs 1 \
   --max-new-tokens "$NEW_TOKENS" -o "$OUT/ppo" --overwrite >/dev/null

@@ -114,14 +114,16 @@ def test_prompts_ids_default_to_row_number_and_stdin(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name,kind", [("demonstrations.jsonl", "demonstrations"), ("prompts.jsonl", "prompts"),
-                                        ("pretrain.jsonl", "pretraining"), ("lm_heldout.jsonl", "pretraining"),
-                                        ("comparisons.jsonl", "comparisons")])
+                                        ("prompts_heldout.jsonl", "prompts"), ("pretrain.jsonl", "pretraining"),
+                                        ("lm_heldout.jsonl", "pretraining"), ("comparisons.jsonl", "comparisons"),
+                                        ("truthfulness.jsonl", "mc"), ("toxicity_prompts.jsonl", "prompts")])
 def test_shipped_samples_are_valid(name, kind):
     if not (SAMPLES / name).exists():
         pytest.skip(f"{name} not shipped yet")
     got = data.load(str(SAMPLES / name), kind)
-    assert got.skipped == 0 and got.rows >= {"demonstrations": 200, "prompts": 100, "pretraining": 60,
-                                             "comparisons": 150}[kind]
+    least = {"demonstrations": 200, "pretraining": 60, "comparisons": 150, "mc": 60,
+             "prompts": {"prompts.jsonl": 100, "prompts_heldout.jsonl": 30, "toxicity_prompts.jsonl": 60}.get(name)}
+    assert got.skipped == 0 and got.rows >= least[kind]
 
 
 def test_shipped_prompt_sets_are_disjoint():
@@ -130,8 +132,10 @@ def test_shipped_prompt_sets_are_disjoint():
                 next(m["content"] for m in r.messages if m["role"] == "user").strip().lower()
                 for r in data.load(str(SAMPLES / name), kind).records}
     demo = prompts("demonstrations.jsonl", "demonstrations")
-    assert not demo & prompts("prompts.jsonl", "prompts")
+    train, heldout = prompts("prompts.jsonl", "prompts"), prompts("prompts_heldout.jsonl", "prompts")
+    assert not demo & train and not demo & heldout and not train & heldout
     assert not demo & prompts("comparisons.jsonl", "comparisons")
+    assert not heldout & prompts("comparisons.jsonl", "comparisons")  # eval prompts the RM never saw
 
 
 # ------------------------------------------------------------------------------------------ masking
