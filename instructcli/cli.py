@@ -75,6 +75,8 @@ WarmupOpt = Annotated[float, typer.Option(help="Warmup as a fraction of the step
 WeightDecayOpt = Annotated[float, typer.Option(help="AdamW weight decay.")]
 MaxGradNormOpt = Annotated[float, typer.Option(help="Gradient clipping norm.")]
 GradAccumOpt = Annotated[int, typer.Option(help="Micro-batches per optimizer step.")]
+AutoBatchOpt = Annotated[bool, typer.Option("--auto-batch-size", help="On out-of-memory, halve the micro-batch "
+                                            "and retry the step (same effective batch, same update).")]
 SaveEveryOpt = Annotated[int, typer.Option(help="Resumable checkpoint every N steps (0 = none).")]
 KeepOpt = Annotated[int, typer.Option(help="How many recent checkpoints to keep.")]
 LogEveryOpt = Annotated[int, typer.Option(help="Write metrics.jsonl every N steps.")]
@@ -157,6 +159,7 @@ def sft(
     max_grad_norm: MaxGradNormOpt = 1.0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Examples per micro-batch.")] = 8,
     grad_accum: GradAccumOpt = 1,
+    auto_batch_size: AutoBatchOpt = False,
     eval_frac: Annotated[float, typer.Option(help="Share of rows held out for eval loss (0 = none).")] = 0.05,
     eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (and at the end).")] = 50,
     save_every: SaveEveryOpt = 100,
@@ -212,6 +215,7 @@ def rm(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts (each with all K responses) "
                                             "per micro-batch.")] = 4,
     grad_accum: GradAccumOpt = 1,
+    auto_batch_size: AutoBatchOpt = False,
     eval_frac: Annotated[float, typer.Option(help="Share of prompts held out for accuracy (0 = none).")] = 0.1,
     eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (and at the end).")] = 20,
     save_every: SaveEveryOpt = 100,

@@ -34,6 +34,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     batch_size: int = 8  # micro-batch
     grad_accum: int = 1
+    auto_batch_size: bool = False  # halve the micro-batch on out-of-memory (same effective batch)
     eval_frac: float = 0.05  # held-out share of the rows (0 = no eval)
     eval_every: int = 50  # steps; the end of training always evaluates
     save_every: int = 100  # steps between resumable checkpoints (0 = only at the end)

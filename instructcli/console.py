@@ -159,6 +159,81 @@ class NonFiniteGuard:
         return False
 
 
+def is_oom(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError when malloc fails."""
+    import torch
+
+    msg = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg))
+
+
+def free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class OutOfMemory:
+    """`with OutOfMemory(lambda: "what ran and what to try"):` turns an out-of-memory error inside into a
+    one-line error (exit 1) built when it happens, so it can name the step and sizes that failed."""
+
+    def __init__(self, describe):
+        self.describe = describe
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None and is_oom(exc):
+            from instructcli.errors import InstructError
+
+            free_memory()
+            raise InstructError(f"out of memory {self.describe()}", 1) from None
+        return False
+
+
+class MicroBatches:
+    """Runs one optimizer step's examples in micro-batches of `size`. Out of memory: with `auto`, the step's
+    gradients are dropped, the micro-batch is halved and the same step runs again (same examples, same
+    loss weighting, so the same update); without it, a one-line error says what failed and what to try."""
+
+    def __init__(self, size: int, auto: bool, grad_accum: int = 1):
+        self.size, self.auto, self.grad_accum = size, auto, grad_accum
+
+    def run(self, step: int, examples: list, fn, optimizer) -> list:
+        """fn(chunk, weight) for each chunk, weight = its share of the step's examples; returns fn's results."""
+        import torch
+
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        while True:
+            torch.set_rng_state(rng[0])  # a retry draws the same dropout masks as a run that never failed
+            if rng[1] is not None:
+                torch.cuda.set_rng_state_all(rng[1])
+            try:
+                return [fn(examples[i:i + self.size], len(examples[i:i + self.size]) / len(examples))
+                        for i in range(0, len(examples), self.size)]
+            except RuntimeError as e:
+                if not is_oom(e):
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                free_memory()
+                if not self.auto or self.size == 1:
+                    from instructcli.errors import InstructError
+
+                    half = max(1, self.size // 2)
+                    raise InstructError(
+                        f"out of memory at step {step} with micro-batches of {self.size} (--batch-size): try "
+                        f"--batch-size {half} --grad-accum {self.grad_accum * self.size // half} (same effective "
+                        "batch), --quant 8bit, a smaller --max-len, or --auto-batch-size", 1) from None
+                self.size //= 2
+                warn(f"step {step}: out of memory; retrying with micro-batches of {self.size}")
+
+
 # ------------------------------------------------------------------------------------------------ plots
 def _pyplot():
     try:

@@ -89,7 +89,11 @@ def train(cfg: PPOConfig) -> Path:
         return s.clamp(-cfg.reward_clip, cfg.reward_clip) if cfg.reward_clip > 0 else s
 
     last = {}
-    with console.Interrupt() as interrupt, console.Bar(cfg.steps, "ppo", completed=start) as bar:
+    step = start
+    oom = console.OutOfMemory(lambda: (
+        f"at step {step + 1} with --rollout-batch-size {B}, --mini-batch-size {cfg.mini_batch_size}, --max-new-tokens "
+        f"{cfg.max_new_tokens}: try smaller ones, --quant 8bit, or --ptx-batch-size below {cfg.ptx_batch_size}"))
+    with console.Interrupt() as interrupt, console.Bar(cfg.steps, "ppo", completed=start) as bar, oom:
         for step in range(start, cfg.steps):
             # 1. rollout: sample responses from the policy
             t0 = time.time()

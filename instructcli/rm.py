@@ -99,18 +99,20 @@ def train(cfg: RMConfig) -> Path:
     # 3. the loop
     model.train()
     guard, last = console.NonFiniteGuard(MAX_BAD_STEPS), {}
+    micro = console.MicroBatches(t.batch_size, t.auto_batch_size, t.grad_accum)
     t0 = time.time()
     with console.Interrupt() as interrupt, console.Bar(total, "rm", completed=start) as bar:
         for step in range(start, total):
-            step_loss, step_acc = 0.0, 0.0
-            for j in range(t.grad_accum):
-                chunk = [train_set[order[step * per_step + j * t.batch_size + i]] for i in range(t.batch_size)]
+            def micro_step(chunk, share):  # the step's loss is the mean over its prompts
                 groups = forward_groups(model, [e[0] for e in chunk], tok.pad_token_id, device)
                 rewards, ranks = padded(groups, [e[1] for e in chunk])
                 loss, acc, _ = rlhf.ranking_loss(rewards, ranks)
-                (loss / t.grad_accum).backward()
-                step_loss += loss.item() / t.grad_accum
-                step_acc += acc.item() / t.grad_accum
+                (loss * share).backward()
+                return loss.item() * share, acc.item() * share
+
+            parts = micro.run(step + 1, [train_set[order[step * per_step + i]] for i in range(per_step)],
+                              micro_step, optimizer)
+            step_loss, step_acc = sum(p[0] for p in parts), sum(p[1] for p in parts)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
             if not guard.ok(step + 1, step_loss, grad_norm, optimizer):
                 continue

@@ -83,20 +83,21 @@ def train(cfg: SFTConfig) -> Path:
     # 3. the loop
     model.train()
     guard, last = console.NonFiniteGuard(MAX_BAD_STEPS, f"last good checkpoint in {run.ckpt_root}"), {}
+    micro = console.MicroBatches(t.batch_size, t.auto_batch_size, t.grad_accum)
     t0 = time.time()
     with console.Interrupt() as interrupt, console.Bar(total, "sft", completed=start) as bar:
         for step in range(start, total):
-            micro = [[train_set[order[step * per_step + j * t.batch_size + i]] for i in range(t.batch_size)]
-                     for j in range(t.grad_accum)]
-            n_tokens = sum(sum(x != data.IGNORE_INDEX for x in ex[1][1:]) for mb in micro for ex in mb)
-            step_loss = 0.0
-            for mb in micro:
+            examples = [train_set[order[step * per_step + i]] for i in range(per_step)]
+            n_tokens = sum(sum(x != data.IGNORE_INDEX for x in ex[1][1:]) for ex in examples)
+
+            def micro_step(mb, _share):  # the loss is per token of the whole step, however it is split
                 batch = {k: v.to(device) for k, v in data.collate(mb, tok.pad_token_id).items()}
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss_sum, _ = rlhf.lm_loss_sum(logits, batch["labels"])
-                loss = loss_sum / max(n_tokens, 1)
+                loss = rlhf.lm_loss_sum(logits, batch["labels"])[0] / max(n_tokens, 1)
                 loss.backward()
-                step_loss += loss.item()
+                return loss.item()
+
+            step_loss = sum(micro.run(step + 1, examples, micro_step, optimizer))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
             if not guard.ok(step + 1, step_loss, grad_norm, optimizer):
                 continue
