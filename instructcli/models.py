@@ -143,11 +143,22 @@ def resolve(spec: str, log=None) -> Source:
             if m.get("full"):  # full fine-tune: the dir itself is a plain transformers model
                 return Source(spec, str(p), str(p), m)
             base = resolve(m["base_model"]["source"], log)
+            want = m["base_model"].get("fingerprint")
+            if want and fingerprint(base) != want:
+                raise InstructError(f"{spec}: was trained on another base model than {base.spec} is now "
+                                    f"(fingerprint {fingerprint(base)}, recorded {want})", 2)
             merged = tuple(m.get("merged", ()))
+            recorded = {x.get("dir"): x.get("hash") for x in m.get("parents", []) if isinstance(x, dict)}
             for d in merged:
                 if not (Path(d) / MANIFEST).is_file():
                     raise InstructError(f"{spec}: was trained on top of {d}, which is gone (its adapter is "
                                         "part of this model's base)", 2)
+                if recorded.get(d) and dir_hash(d) != recorded[d]:
+                    raise InstructError(f"{spec}: was trained on top of {d}, which has been replaced since "
+                                        "(another run was written there); retrain this stage on it", 2)
+            if not adapter_ok(p):
+                raise InstructError(f"{spec}: incomplete run dir: no adapter_config.json + {ADAPTER_WEIGHTS} "
+                                    "(only safetensors adapters are loaded)", 2)
             return Source(spec, base.base, str(p), m, merged)
         if (p / "config.json").is_file():
             return Source(spec, str(p))
@@ -159,6 +170,14 @@ def resolve(spec: str, log=None) -> Source:
     if spec.count("/") > 1 or spec.startswith((".", "/", "~")):
         raise InstructError(f"{spec}: no such model dir", 2)
     return Source(spec, spec)  # a hub id: resolved by from_pretrained from the local cache
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_ok(run_dir: Path) -> bool:
+    """An adapter run dir's weights are there, as safetensors (a pickled .bin is never loaded)."""
+    return (run_dir / ADAPTER_WEIGHTS).is_file() and (run_dir / "adapter_config.json").is_file()
 
 
 def fingerprint(source: Source) -> str:
@@ -219,7 +238,7 @@ def load_base(source: Source, mc: ModelConfig, device: str):
 
     _quiet_transformers()
     dtype = torch_dtype(mc.dtype, device)
-    kwargs = {"dtype": dtype, "trust_remote_code": mc.trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": mc.trust_remote_code, "use_safetensors": True}  # no pickle
     if mc.quant != "none":
         if mc.full:
             raise InstructError("--full fine-tuning needs --quant none (quantized weights are frozen)", 2)
@@ -255,7 +274,7 @@ def merged_base(source: Source) -> str:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source.base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(source.base, dtype=torch.float32, use_safetensors=True)
     for d in source.merged:
         model = PeftModel.from_pretrained(model, d).merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -315,9 +334,17 @@ def trainable_model(source: Source, mc: ModelConfig, device: str):
         raise InstructError(f"--lora-targets {mc.lora_targets}: {e}", 2) from None
 
 
+def refuse_reward_model(source: Source, flag: str = "") -> None:
+    """An rm run dir's adapter was trained for its score head, not to generate: refuse it as a policy."""
+    if (source.manifest or {}).get("stage") == "rm":
+        raise InstructError(f"{flag + ' ' if flag else ''}{source.spec}: a reward model run dir (stage rm), not a "
+                            "policy; give an sft or ppo run (an rm dir goes to --reward or `instruct score`)", 2)
+
+
 def inference_model(source: Source, mc: ModelConfig, device: str):
     """A model to sample from or evaluate: base with the run dir's adapter applied (no merge, so a quantized
     base stays quantized)."""
+    refuse_reward_model(source)
     model = load_base(source, mc, device)
     if source.run_dir and not (source.manifest or {}).get("full"):
         from peft import PeftModel

@@ -33,6 +33,7 @@ def train(cfg: PPOConfig) -> Path:
     ptx = data.load(cfg.ptx_data, "pretraining", cfg.skip_invalid, console.warn) if cfg.ptx_coef > 0 else None
     rule = judge.load_rule(cfg.reward) if ".py:" in cfg.reward else None
     policy_source = models.resolve(cfg.policy, console.log)
+    models.refuse_reward_model(policy_source, "--policy")
     tok = models.load_tokenizer(policy_source, mc.trust_remote_code)
     queries, _ = data.encode_prompts(tok, prompts, cfg.max_prompt_len)
     ptx_set = []
