@@ -23,11 +23,17 @@ def set_quiet(quiet: bool) -> None:
 def log(msg: str) -> None:
     """A progress/info line on stderr (stdout is for results)."""
     if not _quiet:
-        _err.print(msg, markup=False)
+        _err.print(msg, markup=False, soft_wrap=True)
 
 
 def warn(msg: str) -> None:
-    _err.print(f"warning: {msg}", markup=False, style="yellow")
+    _err.print(f"warning: {msg}", markup=False, style="yellow", soft_wrap=True)
+
+
+def stopped(step: int) -> None:
+    """After Ctrl-C: where the run stopped and how to go on (shown even with --quiet)."""
+    _err.print(f"stopped at step {step} with a checkpoint; continue with the same command plus --resume",
+               markup=False, style="yellow", soft_wrap=True)
 
 
 def error(msg: str) -> None:

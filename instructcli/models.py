@@ -274,9 +274,12 @@ def merged_base(source: Source) -> str:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source.base, dtype=torch.float32, use_safetensors=True)
-    for d in source.merged:
-        model = PeftModel.from_pretrained(model, d).merge_and_unload()
+    # building draws random numbers (PEFT initialises each adapter before loading it): keep them off the
+    # caller's stream, so a run gives the same result whether or not this cache existed
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_pretrained(source.base, dtype=torch.float32, use_safetensors=True)
+        for d in source.merged:
+            model = PeftModel.from_pretrained(model, d).merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -458,12 +461,14 @@ class RunDir:
         return final
 
     def load_checkpoint(self, model, optimizer, scheduler) -> dict | None:
-        """Restore the newest complete checkpoint; returns its state (step, extra) or None if there is none."""
+        """Restore the newest complete checkpoint; returns its state (step, extra) or None if there is none.
+        Metric lines logged after it (or all of them, without one) are dropped: those steps run again."""
         import torch
         from safetensors.torch import load_file
 
         ckpts = self.checkpoints()
         if not ckpts:
+            self.truncate_metrics(0)
             return None
         last = ckpts[-1]
         try:
@@ -476,6 +481,7 @@ class RunDir:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
+        self.truncate_metrics(state["step"])
         return state
 
     def truncate_metrics(self, step: int) -> None:

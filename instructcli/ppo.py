@@ -58,7 +58,6 @@ def train(cfg: PPOConfig) -> Path:
     start = 0
     if cfg.resume and (state := run.load_checkpoint(m, optimizer, scheduler)):
         start, kl_ctl.value = state["step"], state["extra"]["kl_coef"]
-        run.truncate_metrics(start)
         console.log(f"resumed from step {start}")
     run.create()
     metrics = console.Metrics(run.metrics_path)
@@ -184,7 +183,7 @@ def train(cfg: PPOConfig) -> Path:
                 run.save_checkpoint(done, m, optimizer, scheduler, {"kl_coef": kl_ctl.value}, cfg.keep_checkpoints)
             if interrupt.requested and done < cfg.steps:
                 metrics.close()
-                console.log(f"stopped at step {done}; continue with the same command plus --resume")
+                console.stopped(done)
                 raise KeyboardInterrupt
     metrics.close()
 

@@ -76,7 +76,6 @@ def train(cfg: RMConfig) -> Path:
     start = 0
     if cfg.resume and (state := run.load_checkpoint(model, optimizer, scheduler)):
         start = state["step"]
-        run.truncate_metrics(start)
         console.log(f"resumed from step {start}")
     run.create()
     metrics = console.Metrics(run.metrics_path)
@@ -138,7 +137,7 @@ def train(cfg: RMConfig) -> Path:
                 run.save_checkpoint(done, model, optimizer, scheduler, {}, t.keep_checkpoints)
             if interrupt.requested and done < total:
                 metrics.close()
-                console.log(f"stopped at step {done}; continue with the same command plus --resume")
+                console.stopped(done)
                 raise KeyboardInterrupt
     metrics.close()
 

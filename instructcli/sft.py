@@ -60,7 +60,6 @@ def train(cfg: SFTConfig) -> Path:
         state = run.load_checkpoint(model, optimizer, scheduler)
         if state:
             start = state["step"]
-            run.truncate_metrics(start)
             console.log(f"resumed from step {start}")
     run.create()
     metrics = console.Metrics(run.metrics_path)
@@ -121,7 +120,7 @@ def train(cfg: SFTConfig) -> Path:
                 run.save_checkpoint(done, model, optimizer, scheduler, {"tokens": n_tokens}, t.keep_checkpoints)
             if interrupt.requested and done < total:
                 metrics.close()
-                console.log(f"stopped at step {done}; continue with the same command plus --resume")
+                console.stopped(done)
                 raise KeyboardInterrupt
     metrics.close()
 
