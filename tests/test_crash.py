@@ -193,3 +193,27 @@ def test_first_sigint_checkpoints_and_exits_130_second_exits_at_once(stage_args,
     steps = [json.loads(x)["step"] for x in (Path(str(out) + ".partial") / "metrics.jsonl").read_text().splitlines()]
     assert steps[:step + 1] == list(range(1, step + 2))
     assert [c.name for c in (Path(str(out) + ".partial") / "checkpoints").glob("step-*")] == [f"step-{step}"]
+
+
+def test_label_killed_mid_session_keeps_every_answer(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": f"x{i}", "prompt": f"P{i}", "responses": ["a", "b", "c"]}
+                                                 for i in range(4)])
+    out = tmp_path / "ranked.jsonl"
+    env = child_env(tmp_path)
+    p = subprocess.Popen(cmd(["label", samples, "-o", out]), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=env, text=True)
+    for answer in ("1 2 3\n", "3 2 1\n"):
+        p.stdin.write(answer)
+        p.stdin.flush()
+    t0 = time.time()
+    while (not out.exists() or len(out.read_text().splitlines()) < 2) and time.time() - t0 < 60:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)  # no chance to flush anything more
+    p.wait()
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["id"], r["ranks"]) for r in rows] == [("x0", [1, 2, 3]), ("x1", [3, 2, 1])]
+    p = subprocess.run(cmd(["label", samples, "-o", out]), input="2 1 3\n1=2 3\nq\n", capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["x0", "x1", "x2", "x3"] and rows[3]["ranks"] == [1, 1, 2]
