@@ -69,6 +69,10 @@ SkipOpt = Annotated[bool, typer.Option("--skip-invalid", help="Skip and count in
 SeedOpt = Annotated[int, typer.Option(help="Random seed (runs are deterministic on CPU).")]
 
 OutOpt = Annotated[str, typer.Option("--out", "-o", help="Output run dir.")]
+TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")]
+TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling threshold.")]
+MaxNewTokensOpt = Annotated[int, typer.Option(help="Max tokens per response.")]
+MaxPromptLenOpt = Annotated[int, typer.Option(help="Longer prompts keep their last tokens.")]
 MaxStepsOpt = Annotated[int, typer.Option(help="Optimizer steps; 0 = use --epochs.")]
 ScheduleOpt = Annotated[str, typer.Option(help="cosine | linear | constant, after warmup.")]
 WarmupOpt = Annotated[float, typer.Option(help="Warmup as a fraction of the steps.")]
@@ -371,10 +375,10 @@ def sample(
     prompts: Annotated[str, typer.Option("--prompts", "-p", help="Prompts JSONL; - = stdin.")] = "-",
     out: Annotated[str, typer.Option("--out", "-o", help="Samples JSONL to write; - = stdout.")] = "-",
     n: Annotated[int, typer.Option("-n", help="Samples per prompt (K).")] = 1,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Max tokens per response.")] = 128,
-    max_prompt_len: Annotated[int, typer.Option(help="Longer prompts keep their last tokens.")] = 512,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 1.0,
+    max_new_tokens: MaxNewTokensOpt = 128,
+    max_prompt_len: MaxPromptLenOpt = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per generate call.")] = 8,
     seed: SeedOpt = 0,
     quant: QuantOpt = "none",
@@ -433,10 +437,10 @@ def eval_(
     out: Annotated[str, typer.Option("--out", "-o", help="Dir for summary.json and per-row JSONL; "
                                      "default evals/<model name>.")] = "",
     n: Annotated[int, typer.Option("-n", help="Answers per prompt.")] = 1,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Max tokens per answer.")] = 128,
-    max_prompt_len: Annotated[int, typer.Option(help="Longer prompts keep their last tokens.")] = 512,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 1.0,
+    max_new_tokens: MaxNewTokensOpt = 128,
+    max_prompt_len: MaxPromptLenOpt = 512,
     max_len: Annotated[int, typer.Option(help="Max tokens per --lm-data row (longer: end cut).")] = 1024,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per forward.")] = 8,
     bootstrap: BootstrapOpt = 10000,
@@ -481,10 +485,10 @@ def compare(
                                          "model: each answers every prompt once, with the same seed.")] = "",
     out: Annotated[str, typer.Option("--out", "-o", help="Per-prompt JSONL (responses, scores, outcomes).")]
     = "compare.jsonl",
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Max tokens per answer.")] = 128,
-    max_prompt_len: Annotated[int, typer.Option(help="Longer prompts keep their last tokens.")] = 512,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 1.0,
+    max_new_tokens: MaxNewTokensOpt = 128,
+    max_prompt_len: MaxPromptLenOpt = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per generate call.")] = 8,
     bootstrap: BootstrapOpt = 10000,
     seed: SeedOpt = 0,

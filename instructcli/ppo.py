@@ -72,8 +72,10 @@ def train(cfg: PPOConfig) -> Path:
             h = m.decoder()(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
             return m.value_head(h[:, P - 1:-1].float()).squeeze(-1)
         m.use(POLICY)
-        logits = m.lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
-        return logits[:, P - 1:-1].float() / cfg.temperature
+        # the LM head only where it predicts a response token: the prompt's vocab-wide logits are never made
+        logits = m.lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                      logits_to_keep=ids.shape[1] - P + 1).logits
+        return logits[:, :-1].float() / cfg.temperature
 
     def score(idx, texts, ended) -> torch.Tensor:
         if rule:
