@@ -647,6 +647,23 @@ def sample_batches(model, tok, queries: list[list[int]], n: int, temperature: fl
         yield b, generate(model, tok, queries[b:b + batch_size], n, temperature, top_p, max_new_tokens, device)
 
 
+def lm_loss_sum(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
+    """rlhf.lm_loss_sum(model(...).logits, labels), with the LM head applied only where a label is predicted:
+    SFT's prompt tokens and padding never get vocab-wide logits (on a 49k vocab, the costliest matmul)."""
+    from instructcli import rlhf
+
+    targets = rlhf.shift_labels(labels)
+    where = targets != rlhf.IGNORE_INDEX
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):  # heads we don't mimic
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[where]
+    else:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[where])  # LoRA on the head, if any, included
+    return rlhf.nll_sum(logits, targets[where]), int(where.sum())
+
+
 def response_logprobs(model, queries: list[list[int]], responses: list[list[int]], pad_id: int, device: str,
                       batch_size: int = 8) -> list[torch.Tensor]:
     """log p(response token | prompt, earlier tokens) for each (prompt, response) pair: one 1-D CPU tensor

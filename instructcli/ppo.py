@@ -147,8 +147,7 @@ def train(cfg: PPOConfig) -> Path:
                         pick = torch.randint(len(ptx_set), (cfg.ptx_batch_size,)).tolist()
                         pb = {k: v.to(device) for k, v in data.collate([ptx_set[i] for i in pick],
                                                                        tok.pad_token_id).items()}
-                        s, n = rlhf.lm_loss_sum(m.lm(input_ids=pb["input_ids"], attention_mask=pb["attention_mask"],
-                                                     use_cache=False).logits, pb["labels"])
+                        s, n = models.lm_loss_sum(m.lm, pb["input_ids"], pb["attention_mask"], pb["labels"])
                         ptx_loss = s / max(n, 1)
                     (pg_loss + cfg.ptx_coef * ptx_loss).backward()
                     vpred = forward(ids[mb], attn[mb], pos[mb], P, VALUE)

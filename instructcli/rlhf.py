@@ -22,9 +22,12 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     equally, however the examples fall into micro-batches.
     """
     targets = shift_labels(labels)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((targets != IGNORE_INDEX).sum())
+    return nll_sum(logits.reshape(-1, logits.size(-1)), targets.reshape(-1)), int((targets != IGNORE_INDEX).sum())
+
+
+def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of (N, V) logits against (N,) targets; IGNORE_INDEX targets count nothing."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def lr_lambda(step: int, total: int, warmup: int, schedule: str) -> float:

@@ -71,10 +71,9 @@ def train(cfg: SFTConfig) -> Path:
         loss_sum, n = 0.0, 0
         with torch.no_grad():
             for b in range(0, len(eval_set), t.batch_size):
-                batch = data.collate(eval_set[b:b + t.batch_size], tok.pad_token_id)
-                logits = model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device)).logits
-                s, c = rlhf.lm_loss_sum(logits, batch["labels"].to(device))
+                batch = {k: v.to(device) for k, v in data.collate(eval_set[b:b + t.batch_size],
+                                                                  tok.pad_token_id).items()}
+                s, c = models.lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
                 loss_sum, n = loss_sum + s.item(), n + c
         model.train()
         return loss_sum / max(n, 1)
@@ -91,8 +90,8 @@ def train(cfg: SFTConfig) -> Path:
 
             def micro_step(mb, _share):  # the loss is per token of the whole step, however it is split
                 batch = {k: v.to(device) for k, v in data.collate(mb, tok.pad_token_id).items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = rlhf.lm_loss_sum(logits, batch["labels"])[0] / max(n_tokens, 1)
+                loss = models.lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0] \
+                    / max(n_tokens, 1)
                 loss.backward()
                 return loss.item()
 

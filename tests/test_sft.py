@@ -147,3 +147,33 @@ def test_quantized_lora_training_steps_on_cpu(tiny_dir, quant):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     assert any(not torch.equal(a, b) for a, b in zip(before, params))
+
+
+@pytest.mark.parametrize("targets,quant", [("all-linear", "none"), ("q_proj,v_proj,lm_head", "none"),
+                                           ("all-linear", "8bit")])
+def test_loss_at_labelled_positions_only_equals_the_full_logits_loss(tiny_dir, targets, quant):
+    """models.lm_loss_sum skips the LM head where nothing is predicted; value and gradients must not change."""
+    from instructcli.config import ModelConfig
+    from instructcli import data, rlhf
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    model = models.trainable_model(models.resolve(str(tiny_dir)),
+                                   ModelConfig(lora_targets=targets, lora_dropout=0.0, quant=quant), "cpu")
+    for n, p in model.named_parameters():  # LoRA B starts at 0: move it so the adapter matters
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    batch = data.collate([data.encode_demonstration(tok, [{"role": "user", "content": q},
+                                                          {"role": "assistant", "content": a}])
+                          for q, a in [("hi", "hello there"), ("a longer question here", "ok")]], 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    full, n_full = rlhf.lm_loss_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                    batch["labels"])
+    g_full = torch.autograd.grad(full, params)
+    part, n_part = models.lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    g_part = torch.autograd.grad(part, params)
+    assert n_part == n_full > 0
+    assert part.item() == pytest.approx(full.item(), rel=1e-5)
+    for a, b in zip(g_full, g_part):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
