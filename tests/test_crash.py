@@ -43,11 +43,11 @@ def stage_args(tiny_dir, tmp_path_factory):
     assert p.returncode == 0, p.stderr
     common = ["--save-every", 1, "--keep-checkpoints", 2, "-q"]
     return d, env, {
-        "sft": ["sft", demos, "-m", tiny_dir, "--max-steps", 8, "-b", 2, "--eval-frac", 0, "--lr", 1e-2,
+        "sft": ["sft", demos, "-m", tiny_dir, "--max-steps", 16, "-b", 2, "--eval-frac", 0, "--lr", 1e-2,
                 "--lora-dropout", 0.1, *common],
-        "rm": ["rm", cmp, "-m", tiny_dir, "--max-steps", 8, "-b", 2, "--eval-frac", 0, "--lr", 1e-2, *common],
+        "rm": ["rm", cmp, "-m", tiny_dir, "--max-steps", 12, "-b", 2, "--eval-frac", 0, "--lr", 1e-2, *common],
         "ppo": ["ppo", "--policy", sft_dir, "--reward", f"{rule}:count_e", "-p", prompts, "--ptx-coef", 0,
-                "--steps", 5, "--rollout-batch-size", 4, "--mini-batch-size", 2, "--max-new-tokens", 6,
+                "--steps", 8, "--rollout-batch-size", 4, "--mini-batch-size", 2, "--max-new-tokens", 6,
                 "--lora-targets", "q_proj,v_proj", "--lr", 1e-2, *common],
     }
 
@@ -87,8 +87,9 @@ def check_invariants(out: Path) -> int:
     return n
 
 
-def kill_trial(stage: str, args, env, out: Path, full_s: float, rng: random.Random, max_kills: int = 3) -> dict:
-    """Start, SIGKILL at a random moment, check, resume; repeat until the run completes."""
+def kill_trial(stage: str, args, env, out: Path, window: tuple[float, float], rng: random.Random,
+               max_kills: int = 3) -> dict:
+    """Start, SIGKILL at a random moment of the training window, check, resume; repeat until the run completes."""
     kills = checked = 0
     while True:
         resume = ["--resume"] if Path(str(out) + ".partial").is_dir() else ["--overwrite"]
@@ -96,7 +97,7 @@ def kill_trial(stage: str, args, env, out: Path, full_s: float, rng: random.Rand
                              env=env, text=True)
         if kills < max_kills:
             try:
-                p.wait(timeout=rng.uniform(0.3, 1.0) * full_s)
+                p.wait(timeout=rng.uniform(*window))
             except subprocess.TimeoutExpired:
                 p.send_signal(signal.SIGKILL)
                 p.wait()
@@ -114,15 +115,18 @@ def trials(stage_args, stage: str, n: int, seed: int) -> list[dict]:
     args = all_args[stage]
     ref = d / f"{stage}-ref"
     t0 = time.time()
-    p = run([*args, "-o", ref, "--overwrite"], env)
-    full_s = time.time() - t0
-    assert p.returncode == 0, p.stderr
+    p = subprocess.Popen(cmd([*args, "-o", ref, "--overwrite"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         env=env, text=True)
+    wait_for_metrics(ref, p)
+    first_s = time.time() - t0  # start-up and model loading end here: kills aim at the training that follows
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    window = (0.8 * first_s, 0.95 * (time.time() - t0))
     want = curve(ref, stage)
     rng = random.Random(seed)
     results = []
     for i in range(n):
         out = d / f"{stage}-trial-{seed}-{i}"
-        res = kill_trial(stage, args, env, out, full_s, rng)
+        res = kill_trial(stage, args, env, out, window, rng)
         got = curve(out, stage)
         assert [g[0] for g in got] == [w[0] for w in want], (res, got)
         for g, w in zip(got, want):
@@ -150,13 +154,16 @@ def test_sigkill_soak(stage_args, stage):
 
 
 # ------------------------------------------------------------------------------------------------- Ctrl-C
-def wait_for_metrics(out: Path, p, lines: int = 1, timeout: float = 120) -> None:
+def wait_for_metrics(out: Path, p, lines: int = 1, timeout: float = 120) -> bool:
+    """Wait until the running command has logged `lines` steps; False if it ended first."""
     path = Path(str(out) + ".partial") / "metrics.jsonl"
     t0 = time.time()
     while time.time() - t0 < timeout and p.poll() is None:
         if path.exists() and len(path.read_text().splitlines()) >= lines:
-            return
-        time.sleep(0.05)
+            return True
+        time.sleep(0.02)
+    if p.poll() is not None:
+        return False
     raise AssertionError("the run logged no step in time")
 
 
@@ -170,7 +177,7 @@ def test_first_sigint_checkpoints_and_exits_130_second_exits_at_once(stage_args,
     args[args.index("--save-every") + 1] = 1000  # only the interrupt writes a checkpoint
     out = tmp_path / "int"
     p = subprocess.Popen(cmd([*args, "-o", out]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-    wait_for_metrics(out, p)
+    assert wait_for_metrics(out, p)
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 130, err
@@ -181,7 +188,7 @@ def test_first_sigint_checkpoints_and_exits_130_second_exits_at_once(stage_args,
     # resume continues after that step; a second Ctrl-C in a step stops at once, without a checkpoint
     p = subprocess.Popen(cmd([*args, "-o", out, "--resume"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          env=env, text=True)
-    wait_for_metrics(out, p, lines=step + 1)
+    assert wait_for_metrics(out, p, lines=step + 1)
     time.sleep(0.3)  # inside the next step
     p.send_signal(signal.SIGINT)
     time.sleep(0.3)
