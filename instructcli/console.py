@@ -170,7 +170,8 @@ def is_oom(e: BaseException) -> bool:
     import torch
 
     msg = str(e).lower()
-    return isinstance(e, torch.OutOfMemoryError) or (
+    cuda_oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # torch < 2.5
+    return isinstance(e, cuda_oom) or (
         isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg))
 
 
@@ -209,7 +210,7 @@ class MicroBatches:
     loss weighting, so the same update); without it, a one-line error says what failed and what to try."""
 
     def __init__(self, size: int, auto: bool, grad_accum: int = 1):
-        self.size, self.auto, self.grad_accum = size, auto, grad_accum
+        self.size, self.auto, self.grad_accum, self.requested = size, auto, grad_accum, size
 
     def run(self, step: int, examples: list, fn, optimizer) -> list:
         """fn(chunk, weight) for each chunk, weight = its share of the step's examples; returns fn's results."""
@@ -232,10 +233,11 @@ class MicroBatches:
                     from instructcli.errors import InstructError
 
                     half = max(1, self.size // 2)
+                    accum = -(-self.requested * self.grad_accum // half)  # ceil: at least the same effective batch
                     raise InstructError(
                         f"out of memory at step {step} with micro-batches of {self.size} (--batch-size): try "
-                        f"--batch-size {half} --grad-accum {self.grad_accum * self.size // half} (same effective "
-                        "batch), --quant 8bit, a smaller --max-len, or --auto-batch-size", 1) from None
+                        f"--batch-size {half} --grad-accum {accum} (same effective batch), --quant 8bit, a smaller "
+                        f"--max-len{'' if self.auto else ', or --auto-batch-size'}", 1) from None
                 self.size //= 2
                 warn(f"step {step}: out of memory; retrying with micro-batches of {self.size}")
 

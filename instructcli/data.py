@@ -518,9 +518,21 @@ class JsonlWriter:
         return False
 
 
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class ResultDir:
     """A results dir (eval, report) built in a temp sibling and renamed into place when complete, so a
     dir that exists is whole. `with ResultDir(out, overwrite) as d:` write into `d` (a Path)."""
+
+    OURS = ("summary.json", "report.md")  # what marks a dir as ours, so --overwrite may replace it
 
     def __init__(self, out: str, overwrite: bool = False):
         from pathlib import Path
@@ -528,15 +540,25 @@ class ResultDir:
         self.out = Path(out)
         if str(out) in ("", "-"):
             raise InstructError("an output directory is required", 2)
+        full = self.out.resolve()
+        if not self.out.name or full == Path.cwd().resolve() or full in Path.cwd().resolve().parents:
+            raise InstructError(f"{out}: give a new or results directory, not the current one or above it", 2)
         if self.out.exists() and not self.out.is_dir():
             raise InstructError(f"{out}: exists and is not a directory", 2)
-        if self.out.is_dir() and any(self.out.iterdir()) and not overwrite:
-            raise InstructError(f"{out}: not empty; pass --overwrite to replace it", 2)
+        if self.out.is_dir() and any(self.out.iterdir()):
+            if not overwrite:
+                raise InstructError(f"{out}: not empty; pass --overwrite to replace it", 2)
+            if not any((self.out / f).exists() for f in self.OURS):  # never wipe a run dir or a home
+                raise InstructError(f"{out}: not a results directory written by instruct; --overwrite only "
+                                    "replaces those", 2)
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
 
     def __enter__(self):
         import shutil
 
+        for old in self.out.parent.glob(f".{self.out.name}.tmp-*"):  # left by a killed run
+            if not _alive(old.name.rsplit("-", 1)[-1]):
+                shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         return self.tmp

@@ -9,7 +9,6 @@ Statistics first (pure, tested on literal values), then the measurements, then t
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import random
@@ -114,20 +113,14 @@ def toxicity_scores(texts: list[str]) -> list[float]:
     return out
 
 
-def _free(*objs) -> None:
-    del objs
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _same_weights(a: models.Source, b: models.Source) -> bool:
     norm = lambda s: (s.base, tuple(str(Path(d).resolve()) for d in s.merged))  # noqa: E731
     return norm(a) == norm(b)
 
 
-def _reference(source: models.Source, ref: str, mc: ModelConfig, device: str, model, tok):
-    """The KL reference as (name, function (queries, responses) -> per-token log-probs), or (None, None).
+def _reference(source: models.Source, ref: str, mc: ModelConfig, device: str, model, tok, batch_size: int):
+    """The KL reference as (name, function (queries, responses, temperature) -> per-token log-probs), or
+    (None, None).
 
     Without --ref it is the model's parent: its own base with the run dir's adapter switched off (no extra
     weights). A --ref with those same weights takes that path too; any other --ref is loaded beside it."""
@@ -136,14 +129,16 @@ def _reference(source: models.Source, ref: str, mc: ModelConfig, device: str, mo
     parent = models.Source(source.spec, source.base, merged=source.merged)  # the weights under the adapter
     if not ref:
         if not adapter:
+            if source.run_dir:  # a --full run: its parent is a whole other model, loaded only when asked for
+                console.warn(f"{source.spec} holds full weights: give --ref (e.g. its base) for KL and the tax")
             return None, None
         ref, rsrc = (source.merged[-1] if source.merged else source.manifest["base_model"]["source"]), parent
     else:
         rsrc = models.resolve(ref, console.log).as_base()
     if adapter and _same_weights(rsrc, parent):
-        def off(q, r):
+        def off(q, r, temperature=1.0):
             with model.disable_adapter():
-                return models.response_logprobs(model, q, r, pad, device)
+                return models.response_logprobs(model, q, r, pad, device, batch_size, temperature)
 
         return ref, off
     ref_source = models.resolve(ref, console.log)
@@ -151,7 +146,8 @@ def _reference(source: models.Source, ref: str, mc: ModelConfig, device: str, mo
     if ref_tok.get_vocab() != tok.get_vocab():
         raise InstructError(f"--ref {ref}: another tokenizer than the model's; KL needs the same vocabulary", 2)
     ref_model = models.inference_model(ref_source, mc, device)
-    return ref, lambda q, r: models.response_logprobs(ref_model, q, r, pad, device)
+    return ref, lambda q, r, temperature=1.0: models.response_logprobs(ref_model, q, r, pad, device, batch_size,
+                                                                       temperature)
 
 
 def _load_inputs(cfg: EvalConfig) -> dict:
@@ -170,6 +166,11 @@ def run(cfg: EvalConfig) -> dict:
                             "--truthfulness", 2)
     if cfg.reward and not cfg.prompts:
         raise InstructError("--reward scores answers to --prompts; give --prompts too", 2)
+    if cfg.report and (Path(cfg.report).resolve() in [Path(cfg.out).resolve(), *Path(cfg.out).resolve().parents]
+                       or Path(cfg.out).resolve() in Path(cfg.report).resolve().parents):
+        raise InstructError("--report and --out must be two separate directories", 2)
+    if cfg.reward:
+        models.require_rm(models.resolve(cfg.reward, console.log), "--reward")
     inputs = _load_inputs(cfg)
     if cfg.toxicity:
         toxicity_scores(["probe"])  # fail now, not after generating, when the classifier is missing
@@ -181,18 +182,18 @@ def run(cfg: EvalConfig) -> dict:
     tok = models.load_tokenizer(source, mc.trust_remote_code)
     device = models.pick_device()
     model = models.inference_model(source, mc, device)
-    ref_name, ref_logprobs = _reference(source, cfg.ref, mc, device, model, tok)
+    ref_name, ref_logprobs = _reference(source, cfg.ref, mc, device, model, tok, cfg.batch_size)
     summary: dict = {"model": mc.model, "out": cfg.out}
     rows: dict[str, list[dict]] = {}
     seconds: dict[str, float] = {}
 
-    def generate(prompts: data.Loaded, seed: int, bar_name: str):
+    def generate(prompts: data.Loaded, seed: int, bar_name: str, n: int):
         queries, cut = data.encode_prompts(tok, prompts, cfg.max_prompt_len)
         if cut:
             console.warn(f"{cut} prompts of {prompts.path} longer than --max-prompt-len kept their end")
         outs = []
         with console.Bar(len(queries), bar_name) as bar:
-            for _, batch in models.sample_batches(model, tok, queries, cfg.n, cfg.temperature, cfg.top_p,
+            for _, batch in models.sample_batches(model, tok, queries, n, cfg.temperature, cfg.top_p,
                                                   cfg.max_new_tokens, cfg.batch_size, seed, device):
                 outs += batch
                 bar.update(len(batch))
@@ -201,13 +202,14 @@ def run(cfg: EvalConfig) -> dict:
     # 1. answers to --prompts: length, distinct-n, KL to the reference (reward comes in step 5)
     if (prompts := inputs["prompts"]) is not None:
         t0 = time.time()
-        queries, outs = generate(prompts, cfg.seed, "eval: answers")
+        queries, outs = generate(prompts, cfg.seed, "eval: answers", cfg.n)
         flat_q = [q for q, o in zip(queries, outs) for _ in o]
         flat_r = [r for o in outs for r in o]
         kls = None
-        if ref_logprobs:
-            lp = models.response_logprobs(model, flat_q, flat_r, tok.pad_token_id, device, cfg.batch_size)
-            ref = ref_logprobs(flat_q, flat_r)
+        if ref_logprobs:  # both at the temperature the answers were drawn at: KL of those two distributions
+            temp = cfg.temperature or 1.0
+            lp = models.response_logprobs(model, flat_q, flat_r, tok.pad_token_id, device, cfg.batch_size, temp)
+            ref = ref_logprobs(flat_q, flat_r, temp)
             kls = [float((a - b).sum()) for a, b in zip(lp, ref)]
         rows["answers"] = []
         for i, (p, o) in enumerate(zip(prompts.records, outs)):
@@ -230,7 +232,7 @@ def run(cfg: EvalConfig) -> dict:
         if kls is not None:
             per_prompt = [sum(r["kl"]) / len(r["kl"]) for r in rows["answers"]]
             part["kl"] = {**summarize(per_prompt, cfg.bootstrap, cfg.seed), "reference": ref_name,
-                          "unit": "nats per response"}
+                          "unit": "nats per response", "temperature": cfg.temperature or 1.0}
         summary["answers"] = part
         seconds["answers"] = time.time() - t0
 
@@ -240,6 +242,8 @@ def run(cfg: EvalConfig) -> dict:
         texts = [r.text for r in lm.records]
         nll = text_nll(model, tok, texts, cfg.max_len, device, cfg.batch_size)
         tokens = sum(n for _, n in nll)
+        if not tokens:
+            raise InstructError(f"{lm.path}: no row has 2 or more tokens within --max-len {cfg.max_len}", 2)
         loss = sum(s for s, _ in nll) / tokens
         part = {"texts": len(texts), "tokens": tokens, "loss": loss, "perplexity": math.exp(loss)}
         rows["lm"] = [{"index": i, "nll": s, "tokens": n, "loss": s / max(n, 1)} for i, (s, n) in enumerate(nll)]
@@ -263,7 +267,7 @@ def run(cfg: EvalConfig) -> dict:
         variants["respectful"] = data.Loaded(respectful, tox.path, tox.sha256, tox.rows, tox.skipped)
         rows["toxicity"], part = [], {"prompts": len(tox.records), "scorer": _scorer_name(), "threshold": TOXIC}
         for name, loaded in variants.items():
-            _, outs = generate(loaded, cfg.seed, f"eval: toxicity ({name})")
+            _, outs = generate(loaded, cfg.seed, f"eval: toxicity ({name})", 1)
             texts = [tok.decode(o[0], skip_special_tokens=True).strip() for o in outs]
             scores = toxicity_scores(texts)
             part[name] = {**summarize(scores, cfg.bootstrap, cfg.seed),
@@ -293,8 +297,8 @@ def run(cfg: EvalConfig) -> dict:
         seconds["truthfulness"] = time.time() - t0
 
     # 5. reward of the answers: the policy is freed first, so only one model is in memory at a time
-    _free(model)
     model = ref_logprobs = None
+    console.free_memory()
     if cfg.reward and "answers" in rows:
         t0 = time.time()
         rm, rm_tok, _ = models.load_reward_model(cfg.reward, ModelConfig(quant=mc.quant, dtype=mc.dtype), device,
@@ -309,7 +313,8 @@ def run(cfg: EvalConfig) -> dict:
         summary["answers"]["reward"] = {**summarize(per_prompt, cfg.bootstrap, cfg.seed), **quantiles(flat),
                                         "rm": cfg.reward}
         seconds["reward"] = time.time() - t0
-        _free(rm)
+        rm = None
+        console.free_memory()
     summary["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
 
     with out_dir as d:
@@ -406,27 +411,24 @@ def _quote(text: str, limit: int = 300) -> str:
 
 
 # --------------------------------------------------------------------------------------- instruct compare
-def _responses_from(spec: str, prompts: data.Loaded | None, cfg: CompareConfig) -> dict[str, str]:
-    """id -> first response: read from a samples file, or generated by a model for --prompts."""
-    if Path(spec).is_file() or spec == "-":
-        loaded = data.load(spec, "samples", cfg.skip_invalid, console.warn)
-        return {s.id: s.responses[0] for s in reversed(loaded.records)}  # reversed: the first row of an id wins
-    if prompts is None:
-        raise InstructError(f"{spec}: a model needs --prompts to answer (or give a samples file)", 2)
-    mc = ModelConfig(model=spec, quant=cfg.quant, dtype=cfg.dtype)
+def _generate_answers(spec: str, prompts: data.Loaded, cfg: CompareConfig) -> dict[str, str]:
+    """id -> the model's one answer to each of --prompts (every model with the same seed)."""
     source = models.resolve(spec, console.log)
     tok = models.load_tokenizer(source)
     device = models.pick_device()
-    model = models.inference_model(source, mc, device)
+    model = models.inference_model(source, ModelConfig(model=spec, quant=cfg.quant, dtype=cfg.dtype), device)
     queries, _ = data.encode_prompts(tok, prompts, cfg.max_prompt_len)
     out = {}
-    with console.Bar(len(queries), f"compare: {spec}") as bar:
+    oom = console.OutOfMemory(lambda: f"while {spec} answered, with --batch-size {cfg.batch_size} and "
+                                      f"--max-new-tokens {cfg.max_new_tokens}: try smaller ones or --quant 8bit")
+    with console.Bar(len(queries), f"compare: {spec}") as bar, oom:
         for b, batch in models.sample_batches(model, tok, queries, 1, cfg.temperature, cfg.top_p,
                                               cfg.max_new_tokens, cfg.batch_size, cfg.seed, device):
             for p, o in zip(prompts.records[b:], batch):
                 out[p.id] = tok.decode(o[0], skip_special_tokens=True).strip()
             bar.update(len(batch))
-    _free(model)
+    model = None
+    console.free_memory()
     return out
 
 
@@ -434,33 +436,44 @@ def compare(cfg: CompareConfig) -> dict:
     console.set_quiet(cfg.quiet)
     if len(cfg.items) < 2:
         raise InstructError("compare needs at least two models or samples files (the first is the baseline)", 2)
-    if cfg.judge != "human" and not cfg.judge.startswith("rm:") and ".py:" not in cfg.judge:
-        raise InstructError(f"--judge {cfg.judge}: expected rm:DIR, path/rule.py:function or human", 2)
-    prompts = data.load(cfg.prompts, "prompts", cfg.skip_invalid, console.warn) if cfg.prompts else None
-    for spec in cfg.items:  # a missing path inside an existing folder is a typo, not a hub id
-        if spec not in ("-", "default") and not Path(spec).exists() and (
-                "/" not in spec or Path(spec).parent.is_dir()):
-            raise InstructError(f"{spec}: no such model dir or samples file", 2)
-        if not (Path(spec).is_file() or spec == "-"):
-            models.resolve(spec)  # a broken run dir is refused before another model spends time answering
-            if prompts is None:
-                raise InstructError(f"{spec}: a model needs --prompts to answer (or give a samples file)", 2)
+    if len(set(cfg.items)) < len(cfg.items):
+        raise InstructError("compare: an item is given twice; each model or samples file once", 2)
     if cfg.out == "-":
         raise InstructError("--out: compare writes per-prompt rows to a file (stdout carries the JSON summary)", 2)
-    data.check_output_file(cfg.out)  # now, before any model runs
-    answers = [_responses_from(spec, prompts, cfg) for spec in cfg.items]
+    data.check_output_file(cfg.out)
+    # everything that can be refused is checked before any model spends time answering
+    if cfg.judge.startswith("rm:"):
+        models.require_rm(models.resolve(cfg.judge[3:], console.log), "--judge")
+    elif ".py:" in cfg.judge:
+        judge.load_rule(cfg.judge)
+    elif cfg.judge != "human":
+        raise InstructError(f"--judge {cfg.judge}: expected rm:DIR, path/rule.py:function or human", 2)
+    prompts = data.load(cfg.prompts, "prompts", cfg.skip_invalid, console.warn) if cfg.prompts else None
+    samples: dict[str, data.Loaded] = {}
+    for spec in cfg.items:
+        if Path(spec).is_file() or spec == "-":
+            samples[spec] = data.load(spec, "samples", cfg.skip_invalid, console.warn)
+            continue
+        if "/" in spec and not Path(spec).exists() and Path(spec).parent.is_dir():  # a typo, not a hub id
+            raise InstructError(f"{spec}: no such model dir or samples file", 2)
+        models.refuse_reward_model(models.resolve(spec, console.log))
+        if prompts is None:
+            raise InstructError(f"{spec}: a model needs --prompts to answer (or give a samples file)", 2)
     if prompts is not None:
         ids = [p.id for p in prompts.records]
         text = {p.id: (p.prompt, p.messages) for p in prompts.records}
     else:
-        first = data.load(cfg.items[0], "samples").records
+        first = samples[cfg.items[0]].records
         ids = list(dict.fromkeys(s.id for s in first))
         text = {s.id: (s.prompt, s.messages or [{"role": "user", "content": s.prompt}]) for s in reversed(first)}
-    for spec, ans in zip(cfg.items, answers):
+    for spec, loaded in samples.items():
+        ans = {s.id: s.responses[0] for s in reversed(loaded.records)}  # reversed: the first row of an id wins
         missing = [i for i in ids if i not in ans]
         if missing:
             raise InstructError(f"{spec}: no answer for prompt id {missing[0]}"
                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), 2)
+        samples[spec] = ans
+    answers = [samples[spec] if spec in samples else _generate_answers(spec, prompts, cfg) for spec in cfg.items]
 
     base, others = cfg.items[0], list(enumerate(cfg.items))[1:]
     per_prompt = {i: {"id": i, "prompt": text[i][0], "responses": {s: a[i] for s, a in zip(cfg.items, answers)}}
@@ -519,14 +532,29 @@ def _human(cfg: CompareConfig, ids, text, answers, per_prompt, outcomes) -> None
                 if len(msgs) > 1:
                     row["messages"] = msgs
                 w.write(row)
-    label.run(pairs_path, labels_path)
-    labeled = {}
+    shown = {}
+    for line in Path(pairs_path).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        shown[row["id"]] = row["responses"]
+    label.run(pairs_path, labels_path, allow_all_tied=True)
+    labeled, stale = {}, 0
     if Path(labels_path).is_file():
-        data.load(labels_path, "comparisons")  # refuse a corrupt file before trusting its ids
-        for line in Path(labels_path).read_text(encoding="utf-8").splitlines():
-            if line.strip():
+        for n, line in enumerate(Path(labels_path).read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line)
-                labeled[row["id"]] = row["ranks"]
+                pid, ranks, responses = row["id"], row["ranks"], row["responses"]
+                assert isinstance(ranks, list) and len(ranks) == 2 and all(isinstance(r, int) for r in ranks)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise InstructError(f"{labels_path}:{n}: not a label row written by compare", 2) from None
+            if shown.get(pid) != responses:  # an answer to another pair (other models, items or --seed)
+                stale += 1
+                continue
+            labeled[pid] = ranks
+    if stale:
+        console.warn(f"{labels_path}: {stale} answers were about other pairs (another --seed, other items or "
+                     "answers) and are not counted; delete the file to start afresh")
     for i in ids:
         per_prompt[i]["outcomes"] = {}
         for j in range(1, len(cfg.items)):

@@ -49,7 +49,7 @@ SKIPPED_SUFFIX = ".skipped"
 
 
 # ------------------------------------------------------------------------------------------ pure ranking
-def parse_ranking(text: str, k: int) -> list[int]:
+def parse_ranking(text: str, k: int, allow_all_tied: bool = False) -> list[int]:
     """`"2=1 4 3"` -> dense ranks per response, `[1, 1, 3, 2]` (1 = best). ValueError says what is wrong."""
     s = re.sub(r"\s*=\s*", "=", text.replace(",", " ").strip())
     if not s:
@@ -78,7 +78,7 @@ def parse_ranking(text: str, k: int) -> list[int]:
     if missing:
         listed = ", ".join(map(str, missing[:-1])) + f" and {missing[-1]}"
         raise ValueError(f"responses {listed} are missing")
-    if len(groups) < 2:
+    if len(groups) < 2 and not allow_all_tied:
         raise ValueError("all responses are tied: nothing to learn from")
     ranks = [0] * k
     for rank, group in enumerate(groups, start=1):
@@ -165,12 +165,14 @@ def _read_text(path: str) -> str | None:
         raise InstructError(f"{path}: invalid UTF-8 at byte {e.start}", 2) from None
 
 
-def _labeled_ids(out: str) -> list[str]:
-    """Ids of the rows already in OUT, in file order; the file must be valid comparisons with ids."""
+def _labeled_ids(out: str, strict: bool = True) -> list[str]:
+    """Ids of the rows already in OUT, in file order; the file must be valid comparisons with ids (with
+    `strict` off, all-tied rankings are allowed: compare's pairs)."""
     text = _read_text(out)
     if text is None or not text.strip():
         return []
-    data.load(out, "comparisons")  # raises `out:line: field: problem`
+    if strict:
+        data.load(out, "comparisons")  # raises `out:line: field: problem`
     ids = []
     for lineno, obj in data.iter_rows(out, text.encode("utf-8")):
         rid = obj.get("id") if isinstance(obj, dict) else None
@@ -258,12 +260,14 @@ def _read_line(stream, con: Console, prompt: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------------ run
 def run(samples_path: str, out_path: str, judge: Callable[[data.Sample], Sequence[float]] | None = None,
-        noise: float = 0.0, seed: int = 0, input_stream=None, output_console: Console | None = None) -> dict:
+        noise: float = 0.0, seed: int = 0, input_stream=None, output_console: Console | None = None,
+        allow_all_tied: bool = False) -> dict:
     """Label `samples_path` into `out_path` (appending, resuming); see the module docstring.
 
     Returns {"labeled", "skipped", "already", "total", "out", "remaining", "unrankable"}: rows written and
     samples skipped in this run (net of undos), samples labeled before it, rankable samples (>= 2 responses),
     the output path, rankable samples neither labeled nor skipped now, and samples with fewer than 2 responses.
+    `allow_all_tied` accepts a ranking that ties everything (compare's blind pairs: a tie is an answer there).
     """
     con = output_console or Console(stderr=True, highlight=False)
 
@@ -304,7 +308,7 @@ def run(samples_path: str, out_path: str, judge: Callable[[data.Sample], Sequenc
             rankable.append(s)
 
     skipped_path = out + SKIPPED_SUFFIX
-    done = set(_labeled_ids(out))
+    done = set(_labeled_ids(out, strict=not allow_all_tied))
     skipped = _skipped_ids(skipped_path)
     total = len(rankable)
     before = {s.id for s in rankable if s.id in done}  # labeled by an earlier run (less what undo took back)
@@ -389,7 +393,7 @@ def run(samples_path: str, out_path: str, judge: Callable[[data.Sample], Sequenc
                 forced = undone
                 break
             try:
-                ranks = parse_ranking(line, len(sample.responses))
+                ranks = parse_ranking(line, len(sample.responses), allow_all_tied)
             except ValueError as e:
                 say(f"invalid answer: {e}", "red")
                 continue

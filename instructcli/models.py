@@ -337,6 +337,15 @@ def trainable_model(source: Source, mc: ModelConfig, device: str):
         raise InstructError(f"--lora-targets {mc.lora_targets}: {e}", 2) from None
 
 
+def require_rm(source: Source, flag: str = "") -> Source:
+    """The source itself if it is an rm run dir; else a one-line refusal saying what it is."""
+    if not source.run_dir or (source.manifest or {}).get("stage") != "rm":
+        stage = (source.manifest or {}).get("stage", "a plain model")
+        raise InstructError(f"{flag + ' ' if flag else ''}{source.spec}: not a reward model run dir (it is "
+                            f"{stage}); train one with `instruct rm`", 2)
+    return source
+
+
 def refuse_reward_model(source: Source, flag: str = "") -> None:
     """An rm run dir's adapter was trained for its score head, not to generate: refuse it as a policy."""
     if (source.manifest or {}).get("stage") == "rm":
@@ -647,6 +656,12 @@ def sample_batches(model, tok, queries: list[list[int]], n: int, temperature: fl
         yield b, generate(model, tok, queries[b:b + batch_size], n, temperature, top_p, max_new_tokens, device)
 
 
+# Families whose logits are exactly lm_head(final hidden state): no scaling or soft-capping after the head
+# (Granite divides, Gemma 2 caps, Cohere scales). Others take the full forward.
+PLAIN_LM_HEAD = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo",
+                 "olmo2", "smollm3", "gemma"}
+
+
 def lm_loss_sum(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
     """rlhf.lm_loss_sum(model(...).logits, labels), with the LM head applied only where a label is predicted:
     SFT's prompt tokens and padding never get vocab-wide logits (on a 49k vocab, the costliest matmul)."""
@@ -654,8 +669,7 @@ def lm_loss_sum(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor,
 
     targets = rlhf.shift_labels(labels)
     where = targets != rlhf.IGNORE_INDEX
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):  # heads we don't mimic
+    if getattr(getattr(model, "config", None), "model_type", None) not in PLAIN_LM_HEAD:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[where]
     else:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -665,9 +679,10 @@ def lm_loss_sum(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor,
 
 
 def response_logprobs(model, queries: list[list[int]], responses: list[list[int]], pad_id: int, device: str,
-                      batch_size: int = 8) -> list[torch.Tensor]:
-    """log p(response token | prompt, earlier tokens) for each (prompt, response) pair: one 1-D CPU tensor
-    per response. Logits are computed only at the response positions (`logits_to_keep`), never the prompt's."""
+                      batch_size: int = 8, temperature: float = 1.0) -> list[torch.Tensor]:
+    """log p(response token | prompt, earlier tokens) for each (prompt, response) pair, under the model's
+    distribution at `temperature`: one 1-D CPU tensor per response. Logits are computed only at the response
+    positions (`logits_to_keep`), never the prompt's."""
     from instructcli import data, rlhf
 
     out: list[torch.Tensor] = []
@@ -677,7 +692,7 @@ def response_logprobs(model, queries: list[list[int]], responses: list[list[int]
             ids, attn, pos, P = data.collate_rollout(queries[b:b + batch_size], rs, pad_id)
             ids, attn, pos = ids.to(device), attn.to(device), pos.to(device)
             logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                           logits_to_keep=ids.shape[1] - P + 1).logits[:, :-1]
+                           logits_to_keep=ids.shape[1] - P + 1).logits[:, :-1].float() / temperature
             lp = rlhf.logprobs_from_logits(logits, ids[:, P:]).cpu()
             out += [lp[i, :len(r)] for i, r in enumerate(rs)]
     return out
@@ -737,10 +752,7 @@ def load_reward_model(spec: str, mc: ModelConfig, device: str, log=None):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    source = resolve(spec, log)
-    if not source.run_dir or (source.manifest or {}).get("stage") != "rm":
-        stage = (source.manifest or {}).get("stage", "a plain model")
-        raise InstructError(f"{spec}: not a reward model run dir (it is {stage}); train one with `instruct rm`", 2)
+    source = require_rm(resolve(spec, log))
     base = load_base(Source(source.spec, source.base, merged=source.merged), mc, device)
     lm = PeftModel.from_pretrained(base, source.run_dir)
     rm = RewardModel(lm, base.config.hidden_size)
@@ -805,10 +817,7 @@ def ppo_models(policy: Source, reward_spec: str, mc: ModelConfig, device: str, l
     base_source = policy.as_base()
     rm_source = None
     if ".py:" not in reward_spec:  # else a rule judge: path/rule.py:function
-        rm_source = resolve(reward_spec, log)
-        if not rm_source.run_dir or (rm_source.manifest or {}).get("stage") != "rm":
-            stage = (rm_source.manifest or {}).get("stage", "a plain model")
-            raise InstructError(f"--reward {reward_spec}: not a reward model run dir (it is {stage})", 2)
+        rm_source = require_rm(resolve(reward_spec, log), "--reward")
         same = [str(Path(d).resolve()) for d in rm_source.merged] == \
             [str(Path(d).resolve()) for d in base_source.merged] and rm_source.base == base_source.base
         if not same:

@@ -120,8 +120,8 @@ def train(cfg: PPOConfig) -> Path:
                 del logits
                 with m.lm.disable_adapter():  # the reference: the SFT model, which is the base itself
                     ref_logprobs = rlhf.logprobs_from_logits(
-                        m.lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
-                        .logits[:, P - 1:-1].float() / cfg.temperature, resp)
+                        m.lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                             logits_to_keep=ids.shape[1] - P + 1).logits[:, :-1].float() / cfg.temperature, resp)
                 values = forward(ids, attn, pos, P, VALUE)
 
                 # 3. rewards (per-token KL penalty + score on the last token) and GAE advantages

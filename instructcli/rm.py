@@ -73,7 +73,7 @@ def train(cfg: RMConfig) -> Path:
     console.log(f"rm: {len(train_set)} train / {len(eval_set)} eval prompts, {total} steps of "
                 f"{t.batch_size}x{t.grad_accum} prompts, {sum(p.numel() for p in params):,} trainable parameters, "
                 f"{mc.quant} base on {device}")
-    start = 0
+    start, state = 0, None
     if cfg.resume and (state := run.load_checkpoint(model, optimizer, scheduler)):
         start = state["step"]
         console.log(f"resumed from step {start}")
@@ -99,6 +99,8 @@ def train(cfg: RMConfig) -> Path:
     model.train()
     guard, last = console.NonFiniteGuard(MAX_BAD_STEPS), {}
     micro = console.MicroBatches(t.batch_size, t.auto_batch_size, t.grad_accum)
+    if state:  # a micro-batch halved before the checkpoint stays halved: the same run, resumed
+        micro.size = state["extra"].get("micro_batch", micro.size)
     t0 = time.time()
     with console.Interrupt() as interrupt, console.Bar(total, "rm", completed=start) as bar:
         for step in range(start, total):
@@ -134,7 +136,8 @@ def train(cfg: RMConfig) -> Path:
             bar.update(1, f"loss {step_loss:.3f} acc {step_acc:.2f}" +
                        (f" eval acc {last['eval_accuracy']:.2f}" if "eval_accuracy" in last else ""))
             if (t.save_every and done % t.save_every == 0 and done < total) or (interrupt.requested and done < total):
-                run.save_checkpoint(done, model, optimizer, scheduler, {}, t.keep_checkpoints)
+                run.save_checkpoint(done, model, optimizer, scheduler, {"micro_batch": micro.size},
+                                    t.keep_checkpoints)
             if interrupt.requested and done < total:
                 metrics.close()
                 console.stopped(done)

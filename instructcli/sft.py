@@ -55,7 +55,7 @@ def train(cfg: SFTConfig) -> Path:
     console.log(f"sft: {len(train_set)} train / {len(eval_set)} eval examples, {total} steps of "
                 f"{t.batch_size}x{t.grad_accum}, {n_trainable:,} trainable parameters, {mc.quant} base on {device}")
 
-    start = 0
+    start, state = 0, None
     if cfg.resume:
         state = run.load_checkpoint(model, optimizer, scheduler)
         if state:
@@ -82,6 +82,8 @@ def train(cfg: SFTConfig) -> Path:
     model.train()
     guard, last = console.NonFiniteGuard(MAX_BAD_STEPS, f"last good checkpoint in {run.ckpt_root}"), {}
     micro = console.MicroBatches(t.batch_size, t.auto_batch_size, t.grad_accum)
+    if state:  # a micro-batch halved before the checkpoint stays halved: the same run, resumed
+        micro.size = state["extra"].get("micro_batch", micro.size)
     t0 = time.time()
     with console.Interrupt() as interrupt, console.Bar(total, "sft", completed=start) as bar:
         for step in range(start, total):
@@ -116,7 +118,8 @@ def train(cfg: SFTConfig) -> Path:
                 metrics.write(last)
             bar.update(1, f"loss {step_loss:.3f}" + (f" eval {last['eval_loss']:.3f}" if "eval_loss" in last else ""))
             if (t.save_every and done % t.save_every == 0 and done < total) or (interrupt.requested and done < total):
-                run.save_checkpoint(done, model, optimizer, scheduler, {"tokens": n_tokens}, t.keep_checkpoints)
+                run.save_checkpoint(done, model, optimizer, scheduler,
+                                    {"tokens": n_tokens, "micro_batch": micro.size}, t.keep_checkpoints)
             if interrupt.requested and done < total:
                 metrics.close()
                 console.stopped(done)

@@ -220,15 +220,18 @@ def test_compare_refuses_missing_answers_and_bad_judges(cli, tmp_path):
     rule.write_text("def f(prompt, response):\n    return 1.0\n")
     r = cli("compare", base, short, "--judge", f"{rule}:f", "-o", tmp_path / "c.jsonl")
     assert r.code == 2 and "no answer for prompt id b (and 2 more)" in r.err and not (tmp_path / "c.jsonl").exists()
-    r = cli("compare", base, base, "--judge", "gpt4", "-o", tmp_path / "c.jsonl")
+    r = cli("compare", base, short, "--judge", "gpt4", "-o", tmp_path / "c.jsonl")
     assert r.code == 2 and "--judge gpt4" in r.err
     r = cli("compare", base, tmp_path / "nope" / "model", "--judge", f"{rule}:f")
     assert r.code == 2 and "no such" in r.err
 
 
 def test_compare_models_with_an_rm_judge(cli, runs, tmp_path):
-    out = tmp_path / "cmp.jsonl"
-    r = cli("compare", runs["sft"], runs["sft"], "-p", runs["prompts"], "--judge", f"rm:{runs['rm']}", "-o", out,
+    import shutil
+
+    out, twin = tmp_path / "cmp.jsonl", tmp_path / "twin"
+    shutil.copytree(runs["sft"], twin)
+    r = cli("compare", runs["sft"], twin, "-p", runs["prompts"], "--judge", f"rm:{runs['rm']}", "-o", out,
             "--max-new-tokens", 5, "-q")
     assert r.code == 0, r
     res = json.loads(r.out)["results"][0]
@@ -269,3 +272,51 @@ def test_compare_human_judge_is_blind_and_maps_answers_back(cli, tmp_path, monke
     shown_first = ["GOOD" in p["responses"][0] for p in pairs]
     assert any(shown_first) and not all(shown_first)  # both orders occur: the person cannot tell which is which
     assert all(p["model"] == "(hidden)" for p in pairs)
+
+
+def test_compare_human_tie_counts_half_and_stale_answers_are_not_reused(cli, tmp_path, monkeypatch):
+    base = write_jsonl(tmp_path / "base.jsonl", [{"id": str(i), "prompt": f"P{i}", "responses": [f"plain {i}"]}
+                                                 for i in range(3)])
+    other = write_jsonl(tmp_path / "other.jsonl", [{"id": str(i), "prompt": f"P{i}", "responses": [f"other {i}"]}
+                                                   for i in range(3)])
+    out = tmp_path / "cmp.jsonl"
+    r = cli("compare", base, other, "--judge", "human", "-o", out, stdin=b"1=2\n1=2\n1=2\nq\n")
+    assert r.code == 0, r
+    res = json.loads(r.out)["results"][0]
+    assert (res["ties"], res["win_rate"]) == (3, 0.5)
+    # another seed shows other orders: the old answers are about other pairs only if the responses differ;
+    # a changed answer set makes every stored answer stale
+    changed = write_jsonl(tmp_path / "changed.jsonl", [{"id": str(i), "prompt": f"P{i}",
+                                                        "responses": [f"new {i}"]} for i in range(3)])
+    r = cli("compare", base, changed, "--judge", "human", "-o", out, stdin=b"q\n")
+    assert r.code == 0, r
+    assert json.loads(r.out)["results"][0]["judged"] == 0 and "not counted" in r.err
+
+
+def test_compare_refuses_duplicates_and_reads_a_baseline_from_stdin(cli, tmp_path):
+    base = _samples(tmp_path / "base.jsonl", ["xx", "xx", "xx", "xx"])
+    other = _samples(tmp_path / "other.jsonl", ["xxx", "x", "xx", "xxx"])
+    rule = tmp_path / "rule.py"
+    rule.write_text("def longer(prompt, response):\n    return len(response)\n")
+    r = cli("compare", base, other, base, "--judge", f"{rule}:longer", "-o", tmp_path / "c.jsonl")
+    assert r.code == 2 and "given twice" in r.err
+    r = cli("compare", "-", other, "--judge", f"{rule}:longer", "-o", tmp_path / "c.jsonl",
+            stdin=base.read_bytes())
+    assert r.code == 0, r
+    assert json.loads(r.out)["results"][0]["win_rate"] == 0.625
+
+
+def test_eval_overwrite_only_replaces_its_own_results(cli, runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep")
+    r = cli("eval", runs["sft"], "--lm-data", runs["text"], "-o", "mine", "--overwrite", "-q")
+    assert r.code == 2 and "not a results directory" in r.err and (tmp_path / "mine" / "precious.txt").exists()
+    r = cli("eval", runs["sft"], "--lm-data", runs["text"], "-o", ".", "--overwrite", "-q")
+    assert r.code == 2 and "current one" in r.err
+    r = cli("eval", runs["sft"], "--lm-data", runs["text"], "-o", "ev", "--report", "ev", "-q")
+    assert r.code == 2 and "two separate directories" in r.err
+    r = cli("eval", runs["sft"], "--lm-data", runs["text"], "-o", "ev", "-q")
+    assert r.code == 0 and (tmp_path / "ev" / "summary.json").exists()
+    r = cli("eval", runs["sft"], "--lm-data", runs["text"], "-o", "ev", "--overwrite", "-q")
+    assert r.code == 0, r
