@@ -43,7 +43,7 @@ def error(msg: str) -> None:
 def table(t) -> None:
     """A rich table on stderr (results for people; the JSON for programs goes to stdout)."""
     if not _quiet:
-        _err.print(t)
+        _err.print(t, width=max(_err.width, 120))  # piped stderr is 80 wide: room for model paths
 
 
 class Bar:
