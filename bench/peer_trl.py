@@ -2,8 +2,9 @@
 
     python bench/peer_trl.py sft|rm --model DIR --data FILE --steps N --batch B --max-len L --out JSON
 
-Same LoRA shape (r 16, alpha 32, dropout 0.05, all linear layers), optimizer (AdamW), learning rate, steps and
-batch as the instruct run it is compared with. Prints and writes {"seconds", "steps", "tokens" or "pairs"}.
+Same LoRA shape (r 16, alpha 32, dropout 0.05, all linear layers), optimizer (AdamW), learning rate, steps,
+batch and precision (fp32 on a CPU, bf16 on a GPU; no activation checkpointing) as the instruct run it is
+compared with. Prints and writes {"seconds", "steps", "tokens" or "pairs"}.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="rows per step (sft) or pairs per step (rm)")
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch = micro x accum)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
 
@@ -54,10 +56,14 @@ def main() -> None:
                 self.total += time.perf_counter() - self.t0
 
     clock = Clock()
-    common = dict(output_dir="/tmp/peer_trl_out", max_steps=a.steps, per_device_train_batch_size=a.batch,
+    common = dict(output_dir="/tmp/peer_trl_out", max_steps=a.steps, per_device_train_batch_size=a.batch // a.grad_accum,
+                  gradient_accumulation_steps=a.grad_accum,
                   learning_rate=a.lr, logging_steps=1000, save_strategy="no", report_to=[],
                   seed=0, dataloader_num_workers=0, lr_scheduler_type="constant", warmup_steps=0,
-                  use_cpu=not torch.cuda.is_available())
+                  use_cpu=not torch.cuda.is_available(),
+                  # the same arithmetic as instruct on this device: TRL's defaults would add bf16 autocast
+                  # (fp32 is what instruct uses on a CPU) and activation checkpointing (instruct has none)
+                  bf16=torch.cuda.is_available(), gradient_checkpointing=False)
     if a.stage == "sft":
         from trl import SFTConfig, SFTTrainer
 

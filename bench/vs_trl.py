@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--only", default="sft,rm4,rm9")
+    ap.add_argument("--peer-micro", type=int, default=12, help="TRL's RM micro-batch in pairs (its step keeps "
+                    "all the rankings' pairs through accumulation: 72 pairs at once were killed for memory)")
     a = ap.parse_args()
     from instructcli import models
 
@@ -96,6 +98,8 @@ def main() -> None:
             pairs = k * (k - 1) // 2 * a.batch  # no ties in either file
             ours = pairs * len(m) / sum(a.batch * k / r["responses_per_s"] for r in m)
             peer_args, unit, peer_batch = ["rm"], "ranked pairs/s", pairs
+            if pairs > a.peer_micro and pairs % a.peer_micro == 0:
+                peer_args += ["--grad-accum", str(pairs // a.peer_micro)]
         out = tmp / f"peer_{what}.json"
         subprocess.run([py, str(ROOT / "bench" / "peer_trl.py"), *peer_args, "--model", model_dir, "--data",
                         str(data), "--steps", str(a.steps), "--batch", str(peer_batch), "--max-len",
