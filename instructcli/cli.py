@@ -470,7 +470,11 @@ def eval_(
                        batch_size=batch_size, bootstrap=bootstrap, seed=seed, skip_invalid=skip_invalid,
                        overwrite=overwrite, quiet=quiet,
                        model=C.ModelConfig(model=model, quant=quant, dtype=dtype, trust_remote_code=trust_remote_code))
-    print(json.dumps(stage.run(cfg), indent=2))
+    from instructcli import console
+
+    with console.OutOfMemory(lambda: f"with --batch-size {batch_size}, -n {n}, --max-new-tokens {max_new_tokens}: "
+                                     "try smaller ones, or --quant 8bit"):
+        print(json.dumps(stage.run(cfg), indent=2))
 
 
 @app.command(help="Win rate of each model against the first (ties half) with a bootstrap 95 % CI; a table on "
@@ -511,7 +515,11 @@ def compare(
                           temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                           max_prompt_len=max_prompt_len, batch_size=batch_size, bootstrap=bootstrap, seed=seed,
                           skip_invalid=skip_invalid, quiet=quiet)
-    print(json.dumps(stage.compare(cfg), indent=2))
+    from instructcli import console
+
+    with console.OutOfMemory(lambda: f"with --batch-size {batch_size}, --max-new-tokens {max_new_tokens}: try "
+                                     "smaller ones, or --quant 8bit"):
+        print(json.dumps(stage.compare(cfg), indent=2))
 
 
 # ------------------------------------------------------------------------------------------ export

@@ -459,16 +459,17 @@ def collate_prompts(prompts: list[list[int]], pad_id: int):
     return collate_sequences(prompts, pad_id, "left")
 
 
-def collate_rollout(queries: list[list[int]], responses: list[list[int]], pad_id: int):
+def collate_rollout(queries: list[list[int]], responses: list[list[int]], pad_id: int, device: str = "cpu"):
     """Prompt + response batch, prompts left-padded and responses right-padded, so every response starts at
-    column P. Returns (input_ids, attention_mask, position_ids, P); an empty response is one masked pad."""
+    column P. Returns (input_ids, attention_mask, position_ids, P) on `device`; an empty response is one
+    masked pad."""
     import torch
 
     q = collate_prompts(queries, pad_id)
     r = collate_sequences([x or [pad_id] for x in responses], pad_id)
     r["attention_mask"][[i for i, x in enumerate(responses) if not x], 0] = 0
-    ids = torch.cat([q["input_ids"], r["input_ids"]], 1)
-    attn = torch.cat([q["attention_mask"], r["attention_mask"]], 1)
+    ids = torch.cat([q["input_ids"], r["input_ids"]], 1).to(device)
+    attn = torch.cat([q["attention_mask"], r["attention_mask"]], 1).to(device)
     return ids, attn, (attn.cumsum(-1) - 1).clamp(min=0), q["input_ids"].shape[1]
 
 

@@ -113,9 +113,19 @@ def toxicity_scores(texts: list[str]) -> list[float]:
     return out
 
 
-def _same_weights(a: models.Source, b: models.Source) -> bool:
-    norm = lambda s: (s.base, tuple(str(Path(d).resolve()) for d in s.merged))  # noqa: E731
-    return norm(a) == norm(b)
+def _answer(model, tok, prompts: data.Loaded, n: int, cfg, seed: int, device: str, label: str):
+    """Every prompt answered n times (eval's and compare's sampling flags in `cfg`), with a progress bar;
+    returns (prompt ids, generate()'s output per prompt)."""
+    queries, cut = data.encode_prompts(tok, prompts, cfg.max_prompt_len)
+    if cut:
+        console.warn(f"{cut} prompts of {prompts.path} longer than --max-prompt-len kept their end")
+    outs = []
+    with console.Bar(len(queries), label) as bar:
+        for _, batch in models.sample_batches(model, tok, queries, n, cfg.temperature, cfg.top_p,
+                                              cfg.max_new_tokens, cfg.batch_size, seed, device):
+            outs += batch
+            bar.update(len(batch))
+    return queries, outs
 
 
 def _reference(source: models.Source, ref: str, mc: ModelConfig, device: str, model, tok, batch_size: int):
@@ -135,7 +145,7 @@ def _reference(source: models.Source, ref: str, mc: ModelConfig, device: str, mo
         ref, rsrc = (source.merged[-1] if source.merged else source.manifest["base_model"]["source"]), parent
     else:
         rsrc = models.resolve(ref, console.log).as_base()
-    if adapter and _same_weights(rsrc, parent):
+    if adapter and models.same_weights(rsrc, parent):
         def off(q, r, temperature=1.0):
             with model.disable_adapter():
                 return models.response_logprobs(model, q, r, pad, device, batch_size, temperature)
@@ -187,22 +197,10 @@ def run(cfg: EvalConfig) -> dict:
     rows: dict[str, list[dict]] = {}
     seconds: dict[str, float] = {}
 
-    def generate(prompts: data.Loaded, seed: int, bar_name: str, n: int):
-        queries, cut = data.encode_prompts(tok, prompts, cfg.max_prompt_len)
-        if cut:
-            console.warn(f"{cut} prompts of {prompts.path} longer than --max-prompt-len kept their end")
-        outs = []
-        with console.Bar(len(queries), bar_name) as bar:
-            for _, batch in models.sample_batches(model, tok, queries, n, cfg.temperature, cfg.top_p,
-                                                  cfg.max_new_tokens, cfg.batch_size, seed, device):
-                outs += batch
-                bar.update(len(batch))
-        return queries, outs
-
     # 1. answers to --prompts: length, distinct-n, KL to the reference (reward comes in step 5)
     if (prompts := inputs["prompts"]) is not None:
         t0 = time.time()
-        queries, outs = generate(prompts, cfg.seed, "eval: answers", cfg.n)
+        queries, outs = _answer(model, tok, prompts, cfg.n, cfg, cfg.seed, device, "eval: answers")
         flat_q = [q for q, o in zip(queries, outs) for _ in o]
         flat_r = [r for o in outs for r in o]
         kls = None
@@ -267,7 +265,7 @@ def run(cfg: EvalConfig) -> dict:
         variants["respectful"] = data.Loaded(respectful, tox.path, tox.sha256, tox.rows, tox.skipped)
         rows["toxicity"], part = [], {"prompts": len(tox.records), "scorer": _scorer_name(), "threshold": TOXIC}
         for name, loaded in variants.items():
-            _, outs = generate(loaded, cfg.seed, f"eval: toxicity ({name})", 1)
+            _, outs = _answer(model, tok, loaded, 1, cfg, cfg.seed, device, f"eval: toxicity ({name})")
             texts = [tok.decode(o[0], skip_special_tokens=True).strip() for o in outs]
             scores = toxicity_scores(texts)
             part[name] = {**summarize(scores, cfg.bootstrap, cfg.seed),
@@ -417,16 +415,8 @@ def _generate_answers(spec: str, prompts: data.Loaded, cfg: CompareConfig) -> di
     tok = models.load_tokenizer(source)
     device = models.pick_device()
     model = models.inference_model(source, ModelConfig(model=spec, quant=cfg.quant, dtype=cfg.dtype), device)
-    queries, _ = data.encode_prompts(tok, prompts, cfg.max_prompt_len)
-    out = {}
-    oom = console.OutOfMemory(lambda: f"while {spec} answered, with --batch-size {cfg.batch_size} and "
-                                      f"--max-new-tokens {cfg.max_new_tokens}: try smaller ones or --quant 8bit")
-    with console.Bar(len(queries), f"compare: {spec}") as bar, oom:
-        for b, batch in models.sample_batches(model, tok, queries, 1, cfg.temperature, cfg.top_p,
-                                              cfg.max_new_tokens, cfg.batch_size, cfg.seed, device):
-            for p, o in zip(prompts.records[b:], batch):
-                out[p.id] = tok.decode(o[0], skip_special_tokens=True).strip()
-            bar.update(len(batch))
+    _, outs = _answer(model, tok, prompts, 1, cfg, cfg.seed, device, f"compare: {spec}")
+    out = {p.id: tok.decode(o[0], skip_special_tokens=True).strip() for p, o in zip(prompts.records, outs)}
     model = None
     console.free_memory()
     return out

@@ -180,6 +180,12 @@ def adapter_ok(run_dir: Path) -> bool:
     return (run_dir / ADAPTER_WEIGHTS).is_file() and (run_dir / "adapter_config.json").is_file()
 
 
+def same_weights(a: Source, b: Source) -> bool:
+    """Whether two sources load the same weights: the same raw base with the same run dirs merged in."""
+    norm = lambda s: (s.base, tuple(str(Path(d).resolve()) for d in s.merged))  # noqa: E731
+    return norm(a) == norm(b)
+
+
 def fingerprint(source: Source) -> str:
     """Cheap identity of base weights (config + weight file sizes): catches an adapter put on the wrong base."""
     h = hashlib.sha256()
@@ -689,8 +695,7 @@ def response_logprobs(model, queries: list[list[int]], responses: list[list[int]
     with torch.no_grad():
         for b in range(0, len(queries), batch_size):
             rs = responses[b:b + batch_size]
-            ids, attn, pos, P = data.collate_rollout(queries[b:b + batch_size], rs, pad_id)
-            ids, attn, pos = ids.to(device), attn.to(device), pos.to(device)
+            ids, attn, pos, P = data.collate_rollout(queries[b:b + batch_size], rs, pad_id, device)
             logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
                            logits_to_keep=ids.shape[1] - P + 1).logits[:, :-1].float() / temperature
             lp = rlhf.logprobs_from_logits(logits, ids[:, P:]).cpu()
@@ -818,9 +823,7 @@ def ppo_models(policy: Source, reward_spec: str, mc: ModelConfig, device: str, l
     rm_source = None
     if ".py:" not in reward_spec:  # else a rule judge: path/rule.py:function
         rm_source = require_rm(resolve(reward_spec, log), "--reward")
-        same = [str(Path(d).resolve()) for d in rm_source.merged] == \
-            [str(Path(d).resolve()) for d in base_source.merged] and rm_source.base == base_source.base
-        if not same:
+        if not same_weights(rm_source, base_source):
             raise InstructError(f"--reward {reward_spec}: trained on another base than --policy {policy.spec}; "
                                 f"one shared base needs `instruct rm ... --from {policy.spec}`", 2)
     base = load_base(base_source, mc, device)

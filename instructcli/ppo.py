@@ -65,17 +65,21 @@ def train(cfg: PPOConfig) -> Path:
     guard = console.NonFiniteGuard(MAX_BAD_STEPS)
     B = cfg.rollout_batch_size
 
+    def response_logits(ids, attn, pos, P):
+        """Logits of the active model (policy, or reference with adapters off) where each response token is
+        predicted; the LM head never runs over the prompt."""
+        logits = m.lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                      logits_to_keep=ids.shape[1] - P + 1).logits
+        return logits[:, :-1].float() / cfg.temperature
+
     def forward(ids, attn, pos, P, adapter):
-        """Logits (policy/reference) or values at the positions that predict each response token."""
+        """Policy logits or values at the positions that predict each response token."""
         if adapter == VALUE:
             m.use(VALUE)
             h = m.decoder()(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
             return m.value_head(h[:, P - 1:-1].float()).squeeze(-1)
         m.use(POLICY)
-        # the LM head only where it predicts a response token: the prompt's vocab-wide logits are never made
-        logits = m.lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                      logits_to_keep=ids.shape[1] - P + 1).logits
-        return logits[:, :-1].float() / cfg.temperature
+        return response_logits(ids, attn, pos, P)
 
     def score(idx, texts, ended) -> torch.Tensor:
         if rule:
@@ -104,8 +108,8 @@ def train(cfg: PPOConfig) -> Path:
             responses = [r[0] for r in models.generate(m.lm, tok, [queries[i] for i in idx], 1, cfg.temperature,
                                                        cfg.top_p, cfg.max_new_tokens, device)]
             ended = torch.tensor([len(r) > 0 and r[-1] == tok.eos_token_id for r in responses], device=device)
-            ids, attn, pos, P = (t.to(device) if torch.is_tensor(t) else t for t in
-                                 data.collate_rollout([queries[i] for i in idx], responses, tok.pad_token_id))
+            ids, attn, pos, P = data.collate_rollout([queries[i] for i in idx], responses, tok.pad_token_id,
+                                                     device)
             resp, mask = ids[:, P:], attn[:, P:].float()
             rollout_s = time.time() - t0
 
@@ -119,9 +123,7 @@ def train(cfg: PPOConfig) -> Path:
                 entropy = rlhf.masked_mean(rlhf.entropy_from_logits(logits), mask).item()
                 del logits
                 with m.lm.disable_adapter():  # the reference: the SFT model, which is the base itself
-                    ref_logprobs = rlhf.logprobs_from_logits(
-                        m.lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                             logits_to_keep=ids.shape[1] - P + 1).logits[:, :-1].float() / cfg.temperature, resp)
+                    ref_logprobs = rlhf.logprobs_from_logits(response_logits(ids, attn, pos, P), resp)
                 values = forward(ids, attn, pos, P, VALUE)
 
                 # 3. rewards (per-token KL penalty + score on the last token) and GAE advantages

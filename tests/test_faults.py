@@ -169,3 +169,12 @@ def test_ppo_skips_nan_rewards_and_advantages(tiny_dir, files, tmp_path, monkeyp
     with pytest.raises(InstructError, match="non-finite steps in a row"):
         ppo.train(cfg(tmp_path / "a", f"{rule}:f", steps=8))
     assert not (tmp_path / "a").exists() and not list((tmp_path / "a.partial").glob("checkpoints/step-*"))
+
+
+def test_eval_out_of_memory_names_its_sizes(cli, tiny_dir, files, tmp_path, monkeypatch):
+    _, _, _, prompts = files
+    monkeypatch.setattr(models, "generate", oom_above(models.generate, 0, lambda *a, **k: 1))
+    r = cli("eval", tiny_dir, "-p", prompts, "-o", tmp_path / "ev", "-b", 2, "--max-new-tokens", 5, "-q")
+    assert r.code == 1, r
+    assert "out of memory with --batch-size 2, -n 1, --max-new-tokens 5" in r.err and "Traceback" not in r.err
+    assert not (tmp_path / "ev").exists()
