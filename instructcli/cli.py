@@ -190,7 +190,7 @@ def sft(
         return _print_config(ctx, p)
     from instructcli import config as C, sft as stage
 
-    print(stage.train(_build(C.SFTConfig, p)))
+    _result(stage.train(_build(C.SFTConfig, p)))
 
 
 # ---------------------------------------------------------------------------------------------- rm
@@ -252,7 +252,7 @@ def rm(
         return _print_config(ctx, dict(ctx.params))
     from instructcli import config as C, rm as stage
 
-    print(stage.train(_build(C.RMConfig, p)))
+    _result(stage.train(_build(C.RMConfig, p)))
 
 
 @app.command(help="Add normalised reward-model scores to samples rows (one per response).")
@@ -364,7 +364,7 @@ def ppo(
         return _print_config(ctx, dict(ctx.params))
     from instructcli import config as C, ppo as stage
 
-    print(stage.train(_build(C.PPOConfig, p)))
+    _result(stage.train(_build(C.PPOConfig, p)))
 
 
 # ------------------------------------------------------------------------------------------ sample
@@ -551,9 +551,27 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Print the ver
         raise typer.Exit(0)
 
 
+def _result(out) -> None:
+    """A training stage's output dir on stdout, once (under a launcher, from the main process only)."""
+    from instructcli import parallel
+
+    if parallel.main:
+        print(out)
+
+
+TRAINING = ("sft", "rm", "ppo")  # the commands that train data-parallel under a launcher
+
+
 def main() -> None:
     debug = os.environ.get("INSTRUCT_DEBUG") == "1"
     try:
+        from instructcli import parallel
+
+        parallel.init()  # a no-op unless started by accelerate launch / torchrun
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        if parallel.world > 1 and command not in TRAINING:
+            raise InstructError(f"`instruct {command}` runs in one process; only {', '.join(TRAINING)} train "
+                                "under accelerate launch / torchrun", 2)
         rc = app(standalone_mode=False)
     except InstructError as e:
         from instructcli import console

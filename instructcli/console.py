@@ -11,6 +11,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from instructcli import parallel
+
 _err = Console(stderr=True, highlight=False)
 _quiet = False
 
@@ -22,27 +24,30 @@ def set_quiet(quiet: bool) -> None:
 
 def log(msg: str) -> None:
     """A progress/info line on stderr (stdout is for results)."""
-    if not _quiet:
+    if not _quiet and parallel.main:  # under a launcher only the main process talks
         _err.print(msg, markup=False, soft_wrap=True)
 
 
 def warn(msg: str) -> None:
-    _err.print(f"warning: {msg}", markup=False, style="yellow", soft_wrap=True)
+    if parallel.main:
+        _err.print(f"warning: {msg}", markup=False, style="yellow", soft_wrap=True)
 
 
 def stopped(step: int) -> None:
     """After Ctrl-C: where the run stopped and how to go on (shown even with --quiet)."""
-    _err.print(f"stopped at step {step} with a checkpoint; continue with the same command plus --resume",
-               markup=False, style="yellow", soft_wrap=True)
+    if parallel.main:
+        _err.print(f"stopped at step {step} with a checkpoint; continue with the same command plus --resume",
+                   markup=False, style="yellow", soft_wrap=True)
 
 
 def error(msg: str) -> None:
-    _err.print(f"error: {msg}", markup=False, style="bold red", soft_wrap=True)
+    where = "" if parallel.main else f"[process {parallel.rank}] "  # a failure in one process only must show
+    _err.print(f"{where}error: {msg}", markup=False, style="bold red", soft_wrap=True)
 
 
 def table(t) -> None:
     """A rich table on stderr (results for people; the JSON for programs goes to stdout)."""
-    if not _quiet:
+    if not _quiet and parallel.main:
         _err.print(t, width=max(_err.width, 120))  # piped stderr is 80 wide: room for model paths
 
 
@@ -50,7 +55,7 @@ class Bar:
     """A rich progress bar with ETA and a live text field; silent when stderr is not a TTY or --quiet."""
 
     def __init__(self, total: int, description: str, completed: int = 0):
-        self.enabled = not _quiet and _err.is_terminal
+        self.enabled = not _quiet and parallel.main and _err.is_terminal
         self.progress = None
         if self.enabled:
             self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -79,15 +84,18 @@ class Metrics:
 
     def __init__(self, path: Path):
         self.path = path
-        self.f = open(path, "a", encoding="utf-8")
+        self.f = open(path, "a", encoding="utf-8") if parallel.main else None  # one writer under a launcher
 
     def write(self, row: dict) -> None:
+        if self.f is None:
+            return
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in row.items()}
         self.f.write(json.dumps(clean) + "\n")
         self.f.flush()
 
     def close(self) -> None:
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
 
 
 def peak_memory_mb() -> float:

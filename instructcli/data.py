@@ -601,3 +601,12 @@ class EpochOrder:
             g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
             self.perms[epoch] = torch.randperm(self.n, generator=g).tolist()
         return self.perms[epoch][pos]
+
+
+def check_resume(extra: dict, per_step: int, what: str = "examples") -> None:
+    """A resumed run must take as many examples per step as the checkpointed one (batch size x grad accum x
+    processes: the process count may change), or the data order would not go on where it stopped."""
+    had = extra.get(f"{what}_per_step")
+    if had is not None and had != per_step:
+        raise InstructError(f"--resume: the checkpoint's steps took {had} {what} (batch size x grad accum x "
+                            f"processes), this run's take {per_step}; keep the product equal", 2)

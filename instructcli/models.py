@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from instructcli import __version__
+from instructcli import __version__, parallel
 from instructcli.config import ModelConfig
 from instructcli.errors import InstructError
 
@@ -131,12 +131,14 @@ def read_manifest(run_dir: str | Path) -> dict:
 def resolve(spec: str, log=None) -> Source:
     """Turn --model (or a positional MODEL_OR_DIR) into a Source. No network unless the hub cache lacks an id."""
     if spec in ("", "default"):
-        return Source("default", str(gguf_to_dir(embedded_gguf(), log)))
+        with parallel.main_first():  # one process converts, the others find the cache
+            return Source("default", str(gguf_to_dir(embedded_gguf(), log)))
     p = Path(spec)
     if spec.endswith(".gguf"):
         if not p.is_file():
             raise InstructError(f"{spec}: no such GGUF file", 2)
-        return Source(spec, str(gguf_to_dir(p, log)))
+        with parallel.main_first():
+            return Source(spec, str(gguf_to_dir(p, log)))
     if p.is_dir():
         if (p / MANIFEST).is_file():
             m = read_manifest(p)
@@ -201,16 +203,14 @@ def fingerprint(source: Source) -> str:
 
 # ------------------------------------------------------------------------------------------ loading
 def pick_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return parallel.device()  # "cuda:<local rank>" under a multi-GPU launcher
 
 
 def torch_dtype(name: str, device: str):
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -254,7 +254,8 @@ def load_base(source: Source, mc: ModelConfig, device: str):
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                                bnb_4bit_use_double_quant=True))
         kwargs["device_map"] = {"": device}
-    where = merged_base(source) if source.merged else source.base
+    with parallel.main_first():
+        where = merged_base(source) if source.merged else source.base
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as e:
@@ -435,10 +436,14 @@ class RunDir:
         self.metrics_path = self.work / "metrics.jsonl"
 
     def create(self) -> None:
-        """Called once the input is known good: nothing is written for bad input."""
-        if self.wipe:
-            shutil.rmtree(self.work)
-        self.work.mkdir(parents=True, exist_ok=True)
+        """Called once the input is known good: nothing is written for bad input. Under a launcher only the
+        main process writes (here and below); the barriers keep the others from racing it."""
+        parallel.barrier()  # every process has checked the dir before it changes
+        if parallel.main:
+            if self.wipe:
+                shutil.rmtree(self.work)
+            self.work.mkdir(parents=True, exist_ok=True)
+        parallel.barrier()
 
     # checkpoints -------------------------------------------------------------------------------
     @property
@@ -457,6 +462,10 @@ class RunDir:
         from safetensors.torch import save_file
 
         final = self.ckpt_root / f"step-{step}"
+        rngs = parallel.gather([rng_state()])  # each process's random streams, so each resumes its own
+        if not parallel.main:
+            parallel.barrier()
+            return final
         tmp = self.ckpt_root / f".step-{step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -465,7 +474,8 @@ class RunDir:
             "step": step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_ranks": rngs,
             "extra": extra,
         }
         torch.save(state, tmp / "state.pt")
@@ -473,6 +483,7 @@ class RunDir:
         os.rename(tmp, final)
         for old in self.checkpoints()[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+        parallel.barrier()
         return final
 
     def load_checkpoint(self, model, optimizer, scheduler) -> dict | None:
@@ -483,7 +494,8 @@ class RunDir:
 
         ckpts = self.checkpoints()
         if not ckpts:
-            self.truncate_metrics(0)
+            if parallel.main:
+                self.truncate_metrics(0)
             return None
         last = ckpts[-1]
         try:
@@ -495,8 +507,15 @@ class RunDir:
             raise InstructError(f"{last}: unreadable checkpoint: {e}", 1) from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        self.truncate_metrics(state["step"])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) == parallel.world:
+            set_rng_state(ranks[parallel.rank])
+        else:  # resumed with another process count: the data order goes on exactly; random streams restart
+            set_rng_state(ranks[0])
+            if parallel.rank:
+                seed_everything(state["step"] * 1_000_003 + parallel.rank)
+        if parallel.main:
+            self.truncate_metrics(state["step"])
         return state
 
     def truncate_metrics(self, step: int) -> None:
@@ -516,6 +535,9 @@ class RunDir:
     def finish(self, model, tokenizer, manifest: dict, adapters: list[str] | None = None) -> Path:
         """Write the final weights, tokenizer and manifest into the work dir, then rename it into place.
         `adapters`: which of a multi-adapter model's adapters to save (the first becomes the run's own)."""
+        if not parallel.main:
+            parallel.barrier()  # returns once the main process has put the dir in place
+            return self.out
         model.save_pretrained(self.work, **({"selected_adapters": adapters} if adapters else {}))
         tokenizer.save_pretrained(self.work)
         manifest = {"format_version": FORMAT_VERSION, **manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -530,6 +552,7 @@ class RunDir:
         os.rename(self.work, self.out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        parallel.barrier()
         return self.out
 
 
@@ -622,7 +645,7 @@ def environment() -> dict:
         gguf = f"missing: {e}"
     return {
         "device": device,
-        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
         "cpu_threads": torch.get_num_threads(),
         "cache_dir": str(cache_dir()),
         "embedded_model": gguf,
@@ -720,6 +743,9 @@ class RewardModel(torch.nn.Module):
         self.head = torch.nn.Linear(hidden_size, 1)
         torch.nn.init.normal_(self.head.weight, std=1 / (hidden_size + 1) ** 0.5)
         torch.nn.init.zeros_(self.head.bias)
+        # a constant offset gets no gradient from the pairwise loss, only float noise, which Adam would turn
+        # into lr-sized random steps; the offset is set once by the normalisation (`bias`) instead
+        self.head.bias.requires_grad_(False)
         self.bias = 0.0
 
     def forward(self, input_ids, attention_mask):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from instructcli import console, data, judge, models, rlhf
+from instructcli import console, data, judge, models, parallel, rlhf
 from instructcli.config import PPOConfig, to_dict
 from instructcli.errors import InstructError
 from instructcli.models import POLICY, REWARD, VALUE
@@ -55,15 +55,19 @@ def train(cfg: PPOConfig) -> Path:
                 f"{sum(p.numel() for p in params):,} trainable parameters (policy + value) on one {mc.quant} base "
                 f"on {device}; kl {cfg.kl}{f' -> target {cfg.target_kl}' if cfg.target_kl else ''}, "
                 f"ptx {cfg.ptx_coef if ptx else 0}")
-    start = 0
+    B = cfg.rollout_batch_size  # per process; each process rolls out its own prompts
+    start, state = 0, None
     if cfg.resume and (state := run.load_checkpoint(m, optimizer, scheduler)):
         start, kl_ctl.value = state["step"], state["extra"]["kl_coef"]
+        data.check_resume(state["extra"], B * parallel.world, "rollouts")
         console.log(f"resumed from step {start}")
+    parallel.broadcast_params(params)  # every process starts from the same weights
+    if parallel.world > 1 and not state:  # own samples per process
+        models.seed_everything(cfg.seed + parallel.rank)
     run.create()
     metrics = console.Metrics(run.metrics_path)
     order = data.EpochOrder(len(queries), cfg.seed)
     guard = console.NonFiniteGuard(MAX_BAD_STEPS)
-    B = cfg.rollout_batch_size
 
     def response_logits(ids, attn, pos, P):
         """Logits of the active model (policy, or reference with adapters off) where each response token is
@@ -103,7 +107,7 @@ def train(cfg: PPOConfig) -> Path:
         for step in range(start, cfg.steps):
             # 1. rollout: sample responses from the policy
             t0 = time.time()
-            idx = [order[step * B + i] for i in range(B)]
+            idx = [order[(step * parallel.world + parallel.rank) * B + i] for i in range(B)]
             m.use(POLICY)
             responses = [r[0] for r in models.generate(m.lm, tok, [queries[i] for i in idx], 1, cfg.temperature,
                                                        cfg.top_p, cfg.max_new_tokens, device)]
@@ -129,9 +133,9 @@ def train(cfg: PPOConfig) -> Path:
                 # 3. rewards (per-token KL penalty + score on the last token) and GAE advantages
                 rewards, kl = rlhf.compute_rewards(scores, logprobs, ref_logprobs, mask, kl_ctl.value)
                 advantages, returns = rlhf.gae(values, rewards, mask, cfg.gamma, cfg.lam)
-                if cfg.whiten:
-                    advantages = rlhf.whiten(advantages, mask)
-            if not torch.isfinite(scores).all() or not torch.isfinite(advantages).all():
+                if cfg.whiten:  # over the global batch
+                    advantages = rlhf.whiten(advantages, mask, reduce=parallel.sum_tensor)
+            if parallel.any_(not torch.isfinite(scores).all() or not torch.isfinite(advantages).all()):
                 guard.ok(step + 1, float("nan"), 0.0, optimizer)  # warns; aborts after repeated failures
                 continue
 
@@ -155,7 +159,8 @@ def train(cfg: PPOConfig) -> Path:
                     vpred = forward(ids[mb], attn[mb], pos[mb], P, VALUE)
                     vf_loss, vf_stats = rlhf.value_loss(vpred, values[mb], returns[mb], mask[mb], cfg.cliprange_value)
                     (cfg.vf_coef * vf_loss).backward()
-                    total = pg_loss.item() + cfg.ptx_coef * ptx_loss.item() + cfg.vf_coef * vf_loss.item()
+                    parallel.sync_grads(params, average=True)  # each process's mini-batch counts the same
+                    total = parallel.mean(pg_loss.item() + cfg.ptx_coef * ptx_loss.item() + cfg.vf_coef * vf_loss.item())[0]
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
                     if not guard.ok(step + 1, total, grad_norm, optimizer):
                         continue
@@ -165,26 +170,31 @@ def train(cfg: PPOConfig) -> Path:
                     for k, v in (("policy_loss", pg_loss.item()), ("value_loss", vf_loss.item()),
                                  ("ptx_loss", ptx_loss.item()), *pg_stats.items(), *vf_stats.items()):
                         stats[k].append(v)
-            mean_kl = kl.sum(1).mean().item()
+            # metrics and the KL controller use means over all processes' rollouts
+            local = {"score": scores.mean().item(), "reward": rewards.sum(1).mean().item(),
+                     "kl": kl.sum(1).mean().item(), "entropy": entropy,
+                     **{k: sum(v) / len(v) for k, v in stats.items() if v},
+                     "response_len": mask.sum(1).mean().item(), "no_eos": (~ended).float().mean().item(),
+                     "tokens_per_s": mask.sum().item() / max(rollout_s, 1e-9) * parallel.world,
+                     "rollout_s": rollout_s, "optimise_s": time.time() - t1}
+            if parallel.world > 1:  # every process updates kl_coef alike
+                local = dict(zip(local, parallel.mean(*local.values())))
+            mean_kl = local["kl"]
             kl_coef = kl_ctl.value
-            kl_ctl.update(mean_kl, B)
+            kl_ctl.update(mean_kl, B * parallel.world)
 
             done = step + 1
-            n_tokens = int(mask.sum().item())
-            last = {"step": done, "score": scores.mean().item(), "reward": rewards.sum(1).mean().item(),
-                    "kl": mean_kl, "kl_coef": kl_coef, "entropy": entropy,
-                    **{k: sum(v) / len(v) for k, v in stats.items() if v},
-                    "response_len": mask.sum(1).mean().item(), "no_eos": (~ended).float().mean().item(),
-                    "tokens_per_s": n_tokens / max(rollout_s, 1e-9), "rollout_s": rollout_s,
-                    "optimise_s": time.time() - t1, "peak_mem_mb": round(console.peak_memory_mb(), 1)}
+            last = {"step": done, **local, "kl_coef": kl_coef, "peak_mem_mb": round(console.peak_memory_mb(), 1)}
             metrics.write(last)
             bar.update(1, f"score {last['score']:.3f} kl {mean_kl:.3f}")
             console.log(f"step {done}: score {last['score']:.3f} kl {mean_kl:.3f} "
                         f"len {last['response_len']:.1f} ({rollout_s:.1f}s rollout, {last['optimise_s']:.1f}s optimise)")
-            if (cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps) or \
-                    (interrupt.requested and done < cfg.steps):
-                run.save_checkpoint(done, m, optimizer, scheduler, {"kl_coef": kl_ctl.value}, cfg.keep_checkpoints)
-            if interrupt.requested and done < cfg.steps:
+            stop = parallel.any_(interrupt.requested)  # every process stops at the same step
+            if (cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps) or (stop and done < cfg.steps):
+                run.save_checkpoint(done, m, optimizer, scheduler,
+                                    {"kl_coef": kl_ctl.value, "rollouts_per_step": B * parallel.world},
+                                    cfg.keep_checkpoints)
+            if stop and done < cfg.steps:
                 metrics.close()
                 console.stopped(done)
                 raise KeyboardInterrupt
@@ -193,8 +203,9 @@ def train(cfg: PPOConfig) -> Path:
     # 5. save the policy adapter (a run dir that sample/export accept like an sft one) and the value head
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in m.value_head.state_dict().items()},
-              str(run.work / "value_head.safetensors"))
+    if parallel.main:
+        save_file({k: v.detach().cpu().contiguous() for k, v in m.value_head.state_dict().items()},
+                  str(run.work / "value_head.safetensors"))
     lineage = models.lineage(policy_source)
     if rm_source:
         lineage["parents"].append({"dir": str(Path(rm_source.run_dir).resolve()),

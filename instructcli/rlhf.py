@@ -83,11 +83,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (unbiased variance, as lm-human-preferences)."""
-    mean = masked_mean(x, mask)
-    n = mask.sum().clamp(min=2)
-    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=lambda t: t) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (unbiased variance, as lm-human-preferences). `reduce` sums a
+    tensor over data-parallel processes, so that mean and std are the global batch's."""
+    mask = mask.to(x.dtype)
+    total, count = reduce(torch.stack([(x * mask).sum(), mask.sum()]))
+    mean = total / count.clamp(min=1)
+    n = count.clamp(min=2)
+    var = reduce(((x - mean) ** 2 * mask).sum()) / count.clamp(min=1) * n / (n - 1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean

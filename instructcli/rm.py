@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from instructcli import console, data, models, rlhf
+from instructcli import console, data, models, parallel, rlhf
 from instructcli.config import ModelConfig, RMConfig, to_dict
 from instructcli.errors import InstructError
 
@@ -66,17 +66,21 @@ def train(cfg: RMConfig) -> Path:
     model = models.new_reward_model(source.as_base(), mc, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    per_step = t.batch_size * t.grad_accum
+    per_step = t.batch_size * t.grad_accum * parallel.world  # --batch-size is per process
     total = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(len(train_set) / per_step)))
     warmup = int(t.warmup * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: rlhf.lr_lambda(s, total, warmup, t.schedule))
     console.log(f"rm: {len(train_set)} train / {len(eval_set)} eval prompts, {total} steps of "
-                f"{t.batch_size}x{t.grad_accum} prompts, {sum(p.numel() for p in params):,} trainable parameters, "
+                f"{t.batch_size}x{t.grad_accum}{f'x{parallel.world} processes' if parallel.world > 1 else ''} prompts, {sum(p.numel() for p in params):,} trainable parameters, "
                 f"{mc.quant} base on {device}")
     start, state = 0, None
     if cfg.resume and (state := run.load_checkpoint(model, optimizer, scheduler)):
         start = state["step"]
+        data.check_resume(state["extra"], per_step)
         console.log(f"resumed from step {start}")
+    parallel.broadcast_params(params)  # every process starts from the same weights
+    if parallel.world > 1 and not state:  # own dropout masks per process
+        models.seed_everything(t.seed + parallel.rank)
     run.create()
     metrics = console.Metrics(run.metrics_path)
     order = data.EpochOrder(len(train_set), t.seed)
@@ -85,15 +89,17 @@ def train(cfg: RMConfig) -> Path:
         model.eval()
         losses, correct, pairs = [], 0.0, 0
         with torch.no_grad():
-            for b in range(0, len(eval_set), t.batch_size):
-                chunk = eval_set[b:b + t.batch_size]
+            mine = parallel.strided(eval_set)
+            for b in range(0, len(mine), t.batch_size):
+                chunk = mine[b:b + t.batch_size]
                 rewards, ranks = padded(forward_groups(model, [e[0] for e in chunk], tok.pad_token_id, device),
                                         [e[1] for e in chunk])
                 loss, acc, n = rlhf.ranking_loss(rewards, ranks)
                 losses.append(loss.item() * len(chunk))
                 correct, pairs = correct + acc.item() * n.item(), pairs + n.item()
         model.train()
-        return {"eval_loss": sum(losses) / len(eval_set), "eval_accuracy": correct / max(pairs, 1)}
+        loss_sum, correct, pairs = parallel.sum_(sum(losses), correct, pairs)
+        return {"eval_loss": loss_sum / len(eval_set), "eval_accuracy": correct / max(pairs, 1)}
 
     # 3. the loop
     model.train()
@@ -104,16 +110,19 @@ def train(cfg: RMConfig) -> Path:
     t0 = time.time()
     with console.Interrupt() as interrupt, console.Bar(total, "rm", completed=start) as bar:
         for step in range(start, total):
-            def micro_step(chunk, share):  # the step's loss is the mean over its prompts
+            def micro_step(chunk, share):  # the step's loss is the mean over its prompts (of all processes)
+                share /= parallel.world
                 groups = forward_groups(model, [e[0] for e in chunk], tok.pad_token_id, device)
                 rewards, ranks = padded(groups, [e[1] for e in chunk])
                 loss, acc, _ = rlhf.ranking_loss(rewards, ranks)
                 (loss * share).backward()
                 return loss.item() * share, acc.item() * share
 
-            parts = micro.run(step + 1, [train_set[order[step * per_step + i]] for i in range(per_step)],
-                              micro_step, optimizer)
-            step_loss, step_acc = sum(p[0] for p in parts), sum(p[1] for p in parts)
+            # this process's share of the step; gradients, loss and accuracy are then summed over processes
+            examples = [train_set[order[step * per_step + i]] for i in range(per_step)]
+            parts = micro.run(step + 1, parallel.shard(examples), micro_step, optimizer)
+            step_loss, step_acc = parallel.sum_(sum(p[0] for p in parts), sum(p[1] for p in parts))
+            parallel.sync_grads(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
             if not guard.ok(step + 1, step_loss, grad_norm, optimizer):
                 continue
@@ -123,7 +132,7 @@ def train(cfg: RMConfig) -> Path:
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
-            n_seq = sum(len(train_set[order[step * per_step + i]][0]) for i in range(per_step))
+            n_seq = sum(len(e[0]) for e in examples)
             last = {"step": done, "epoch": round(done * per_step / len(train_set), 4), "loss": step_loss,
                     "accuracy": step_acc, "lr": lr, "grad_norm": grad_norm,
                     "responses_per_s": n_seq / max(time.time() - t0, 1e-9)}
@@ -135,10 +144,11 @@ def train(cfg: RMConfig) -> Path:
                 metrics.write(last)
             bar.update(1, f"loss {step_loss:.3f} acc {step_acc:.2f}" +
                        (f" eval acc {last['eval_accuracy']:.2f}" if "eval_accuracy" in last else ""))
-            if (t.save_every and done % t.save_every == 0 and done < total) or (interrupt.requested and done < total):
-                run.save_checkpoint(done, model, optimizer, scheduler, {"micro_batch": micro.size},
-                                    t.keep_checkpoints)
-            if interrupt.requested and done < total:
+            stop = parallel.any_(interrupt.requested)  # every process stops at the same step
+            if (t.save_every and done % t.save_every == 0 and done < total) or (stop and done < total):
+                run.save_checkpoint(done, model, optimizer, scheduler,
+                                    {"micro_batch": micro.size, "examples_per_step": per_step}, t.keep_checkpoints)
+            if stop and done < total:
                 metrics.close()
                 console.stopped(done)
                 raise KeyboardInterrupt
@@ -147,8 +157,10 @@ def train(cfg: RMConfig) -> Path:
     # 4. normalise: reference demonstrations score 0 on average (stored, applied whenever the RM scores)
     model.eval()
     with torch.no_grad():
-        ref_scores = torch.cat([forward_groups(model, [reference[b:b + 16]], tok.pad_token_id, device)[0]
-                                for b in range(0, len(reference), 16)])
+        mine = parallel.strided(reference)
+        mine_scores = [s for b in range(0, len(mine), 16)
+                       for s in forward_groups(model, [mine[b:b + 16]], tok.pad_token_id, device)[0].tolist()]
+        ref_scores = torch.tensor(parallel.gather(mine_scores))
     model.bias = ref_scores.mean().item()
     final = {k: last[k] for k in ("step", "loss", "accuracy", "eval_loss", "eval_accuracy") if k in last}
     if eval_set and "eval_accuracy" not in final:

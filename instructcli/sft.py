@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from instructcli import console, data, models, rlhf
+from instructcli import console, data, models, parallel, rlhf
 from instructcli.config import SFTConfig, to_dict
 from instructcli.errors import InstructError
 
@@ -46,21 +46,25 @@ def train(cfg: SFTConfig) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    per_step = t.batch_size * t.grad_accum
+    per_step = t.batch_size * t.grad_accum * parallel.world  # --batch-size is per process
     steps_per_epoch = math.ceil(len(train_set) / per_step)
     total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = int(t.warmup * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: rlhf.lr_lambda(s, total, warmup, t.schedule))
     console.log(f"sft: {len(train_set)} train / {len(eval_set)} eval examples, {total} steps of "
-                f"{t.batch_size}x{t.grad_accum}, {n_trainable:,} trainable parameters, {mc.quant} base on {device}")
+                f"{t.batch_size}x{t.grad_accum}{f'x{parallel.world} processes' if parallel.world > 1 else ''}, {n_trainable:,} trainable parameters, {mc.quant} base on {device}")
 
     start, state = 0, None
     if cfg.resume:
         state = run.load_checkpoint(model, optimizer, scheduler)
         if state:
             start = state["step"]
+            data.check_resume(state["extra"], per_step)
             console.log(f"resumed from step {start}")
+    parallel.broadcast_params(params)  # every process starts from the same weights
+    if parallel.world > 1 and not state:  # own dropout masks per process
+        models.seed_everything(t.seed + parallel.rank)
     run.create()
     metrics = console.Metrics(run.metrics_path)
 
@@ -70,12 +74,14 @@ def train(cfg: SFTConfig) -> Path:
         model.eval()
         loss_sum, n = 0.0, 0
         with torch.no_grad():
-            for b in range(0, len(eval_set), t.batch_size):
-                batch = {k: v.to(device) for k, v in data.collate(eval_set[b:b + t.batch_size],
+            mine = parallel.strided(eval_set)
+            for b in range(0, len(mine), t.batch_size):
+                batch = {k: v.to(device) for k, v in data.collate(mine[b:b + t.batch_size],
                                                                   tok.pad_token_id).items()}
                 s, c = models.lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
                 loss_sum, n = loss_sum + s.item(), n + c
         model.train()
+        loss_sum, n = parallel.sum_(loss_sum, n)
         return loss_sum / max(n, 1)
 
     # 3. the loop
@@ -97,7 +103,9 @@ def train(cfg: SFTConfig) -> Path:
                 loss.backward()
                 return loss.item()
 
-            step_loss = sum(micro.run(step + 1, examples, micro_step, optimizer))
+            # this process's share of the step; gradients and loss are then summed over processes
+            step_loss = parallel.sum_(sum(micro.run(step + 1, parallel.shard(examples), micro_step, optimizer)))[0]
+            parallel.sync_grads(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
             if not guard.ok(step + 1, step_loss, grad_norm, optimizer):
                 continue
@@ -117,10 +125,11 @@ def train(cfg: SFTConfig) -> Path:
                 last["peak_mem_mb"] = round(console.peak_memory_mb(), 1)
                 metrics.write(last)
             bar.update(1, f"loss {step_loss:.3f}" + (f" eval {last['eval_loss']:.3f}" if "eval_loss" in last else ""))
-            if (t.save_every and done % t.save_every == 0 and done < total) or (interrupt.requested and done < total):
-                run.save_checkpoint(done, model, optimizer, scheduler,
-                                    {"tokens": n_tokens, "micro_batch": micro.size}, t.keep_checkpoints)
-            if interrupt.requested and done < total:
+            stop = parallel.any_(interrupt.requested)  # every process stops at the same step
+            if (t.save_every and done % t.save_every == 0 and done < total) or (stop and done < total):
+                run.save_checkpoint(done, model, optimizer, scheduler, {"tokens": n_tokens, "micro_batch": micro.size,
+                                    "examples_per_step": per_step}, t.keep_checkpoints)
+            if stop and done < total:
                 metrics.close()
                 console.stopped(done)
                 raise KeyboardInterrupt
