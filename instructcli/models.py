@@ -660,20 +660,74 @@ def environment() -> dict:
 
 def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
              max_new_tokens: int, device: str) -> list[list[list[int]]]:
-    """Left-padded batch generation; per prompt, n lists of new token ids, each cut after its first EOS (kept:
-    stopping is one of the policy's actions)."""
-    from instructcli import data
+    """Sample with a KV cache; per prompt, n lists of new token ids, each cut after its first EOS (kept:
+    stopping is one of the policy's actions).
 
-    batch = {k: v.to(device) for k, v in data.collate_prompts(prompt_ids, tok.pad_token_id).items()}
-    kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    Our own loop rather than `model.generate`, for three reasons. Each prompt is forwarded once and its cache
+    copied for its n samples. A row that has emitted EOS leaves the batch, so the others decode with less
+    work (answers' lengths vary a lot). And it samples from exactly softmax(logits / temperature) with top-p,
+    which PPO's log-probs assume, whatever the model's generation_config adds (repetition penalties, top-k).
+    """
+    from instructcli import data, rlhf
+
+    batch = data.collate_prompts(prompt_ids, tok.pad_token_id)  # left-padded: each row's last token is last
+    attn = batch["attention_mask"].to(device)
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    out = [[] for _ in range(len(prompt_ids) * n)]
+    ids = batch["input_ids"].to(device)
+    rows = torch.arange(len(prompt_ids), device=device).repeat_interleave(n)  # batch row -> prompt
+    kv = _cache_name(model)
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=n, use_cache=True,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, top_k=None, **kw)
-    cut = []
-    for seq in out[:, batch["input_ids"].shape[1]:].tolist():
-        end = next((i + 1 for i, x in enumerate(seq) if x == tok.eos_token_id), len(seq))
-        cut.append(seq[:end])
-    return [cut[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+        step = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache = step[kv]
+        shrink = _select_rows(cache, rows)  # False: a cache type we cannot index, so finished rows stay
+        if shrink:
+            logits = step.logits[rows, -1]
+        else:
+            if n > 1:  # each sample forwards its prompt
+                step = model(input_ids=ids[rows], attention_mask=attn[rows], position_ids=pos[rows], use_cache=True,
+                             logits_to_keep=1)
+                cache = step[kv]
+            logits = step.logits[:, -1]
+        attn, next_pos = attn[rows], pos[rows, -1:] + 1
+        rows = torch.arange(len(out), device=device)  # batch row -> output
+        live = torch.ones(len(out), dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            tokens = rlhf.sample_next(logits, temperature, top_p)
+            for r, x, alive in zip(rows.tolist(), tokens.tolist(), live.tolist()):
+                if alive:
+                    out[r].append(x)
+            live = live & (tokens != tok.eos_token_id)
+            if t == max_new_tokens - 1 or not live.any():
+                break
+            if shrink and not live.all():
+                keep = live.nonzero().squeeze(1)
+                _select_rows(cache, keep)
+                rows, tokens, attn, next_pos, live = rows[keep], tokens[keep], attn[keep], next_pos[keep], live[keep]
+            attn = torch.cat([attn, attn.new_ones(len(attn), 1)], 1)
+            step = model(input_ids=tokens[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
+                         **{kv: cache})
+            logits, next_pos = step.logits[:, -1], next_pos + 1
+    return [out[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+
+def _cache_name(model) -> str:
+    """The KV cache's name in forward() and its output: `cache` from transformers 5.2x, `past_key_values` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def _select_rows(cache, index) -> bool:
+    """Keep (or repeat) the cache's batch rows `index`, layer by layer; False if some layer cannot."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(type(x).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for x in layers):
+        return False
+    for layer in layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+    return True
 
 
 def sample_batches(model, tok, queries: list[list[int]], n: int, temperature: float, top_p: float,

@@ -65,6 +65,27 @@ def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tens
     return per_prompt[pairs > 0].mean(), acc, n
 
 
+# ------------------------------------------------------------------------------------------- sampling
+def top_p_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """softmax(logits / temperature) restricted to the smallest set of tokens whose mass reaches top_p (the
+    most likely token always stays), renormalised; (B, V) -> (B, V)."""
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the mass before a token already reached top_p
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else drawn from top_p_probs; (B, V) -> (B,)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    return torch.multinomial(top_p_probs(logits, temperature, top_p), 1).squeeze(1)
+
+
 # ------------------------------------------------------------------------------------------------ PPO
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token) under each position's logits; logits (B, T, V), tokens (B, T) -> (B, T)."""

@@ -1,0 +1,70 @@
+"""Rollout speed: instruct's sampling loop (models.generate) against transformers' plain `generate` on the same
+LoRA policy, prompts, temperature, top-p and lengths. Prints tokens/s (answer tokens, up to and including
+EOS) for each, median and spread over --reps runs with different seeds, and the ratio.
+
+    .venv/bin/python bench/rollout.py [--batch 8] [--max-new-tokens 64] [--n 1] [--reps 5] [--model default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from instructcli import data, models
+from instructcli.config import ModelConfig
+
+
+def plain_generate(model, tok, prompts, n, temperature, top_p, max_new, device):
+    """What a trainer does without our loop: one `generate` call, answers cut after EOS."""
+    b = {k: v.to(device) for k, v in data.collate_prompts(prompts, tok.pad_token_id).items()}
+    with torch.no_grad():
+        out = model.generate(**b, do_sample=True, temperature=temperature, top_p=top_p, top_k=None,
+                             max_new_tokens=max_new, num_return_sequences=n, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+    cut = []
+    for seq in out[:, b["input_ids"].shape[1]:].tolist():
+        end = next((i + 1 for i, x in enumerate(seq) if x == tok.eos_token_id), len(seq))
+        cut.append(seq[:end])
+    return [cut[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--n", type=int, default=1, help="samples per prompt (ppo: 1; sample/label: 4..9)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--quant", default="none")
+    a = ap.parse_args()
+    device = models.pick_device()
+    src = models.resolve(a.model)
+    tok = models.load_tokenizer(src)
+    model = models.trainable_model(src.as_base(), ModelConfig(quant=a.quant), device)  # the PPO policy: LoRA on
+    model.eval()
+    rows = data.load("data_samples/prompts.jsonl", "prompts", False, print)
+    queries, _ = data.encode_prompts(tok, rows, 256)
+    prompts = queries[:a.batch]
+    results = {"plain generate": [], "instruct": []}
+    for rep in range(a.reps + 1):  # the first round warms up both
+        for name, fn in (("plain generate", plain_generate), ("instruct", models.generate)):
+            torch.manual_seed(rep)
+            t0 = time.perf_counter()
+            out = fn(model, tok, prompts, a.n, a.temperature, a.top_p, a.max_new_tokens, device)
+            dt = time.perf_counter() - t0
+            if rep:
+                results[name].append(sum(len(x) for g in out for x in g) / dt)
+    print(f"device {device}, {torch.get_num_threads()} threads; {a.batch} prompts x {a.n} samples, "
+          f"{a.max_new_tokens} new tokens, T {a.temperature}, top-p {a.top_p}, {a.reps} runs")
+    for name, v in results.items():
+        print(f"{name:15s} {statistics.median(v):8.1f} tokens/s  (min {min(v):.1f}, max {max(v):.1f})")
+    print(f"ratio {statistics.median(results['instruct']) / statistics.median(results['plain generate']):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
