@@ -75,10 +75,15 @@ def main() -> None:
         ds = Dataset.from_list(data)
         trainer = SFTTrainer(model=a.model, train_dataset=ds, processing_class=tok, peft_config=lora,
                              callbacks=[clock], args=SFTConfig(max_length=a.max_len, **common))
-        tokens = []
+        tokens = []  # response tokens that carry loss, counted as instruct counts them (the first cannot)
         for ex in trainer.train_dataset:
-            mask = ex.get("completion_mask") or ex.get("assistant_masks")
-            tokens.append(sum(mask) if mask else len(ex["input_ids"]))
+            if ex.get("labels") is not None:  # TRL 1.x: -100 outside the completion
+                tokens.append(sum(x != -100 for x in ex["labels"][1:]))
+            elif ex.get("completion_mask") or ex.get("assistant_masks"):
+                mask = ex.get("completion_mask") or ex.get("assistant_masks")
+                tokens.append(sum(mask[1:]))
+            else:
+                raise SystemExit("peer_trl: cannot tell response tokens from prompt tokens in TRL's dataset")
         trainer.train()
         per_step = sum(tokens) / len(tokens) * a.batch  # mean completion tokens per step (order is shuffled)
         result = {"seconds": clock.total, "steps": a.steps - 1, "tokens": per_step * (a.steps - 1)}

@@ -1,6 +1,7 @@
 """instruct side by side with TRL on the same model, data, LoRA shape, lengths and batch sizes; a table of ratios.
 
     .venv/bin/python bench/vs_trl.py [--steps 8] [--batch 4] [--max-len 256] [--only sft,rm4,rm9]
+    .venv/bin/python bench/vs_trl.py --only ppo [--steps 8] [--rollout-batch 8] [--mini-batch 4] [--max-new-tokens 32]
 
 TRL goes into its own virtual environment (bench/.venv-trl, made on first use with the same torch version as
 ours; never a dependency of instruct). Both sides run the embedded SmolLM2-135M model with LoRA r 16 /
@@ -11,7 +12,16 @@ their optimizer steps after the first (start-up, tokenising and model loading ex
   from the demonstrations (each prompt's answer ranked above 8 other prompts' answers: a throughput test,
   not a preference). instruct takes `--batch` rankings per step, each forwarded once; TRL gets the same
   rankings' C(K,2) pairs per step (`--batch` x 6 or x 36 pairs, each pair forwarded as two sequences).
-Peak memory is each process's peak RSS on CPU (CUDA peak on a GPU).
+- ppo: seconds per PPO step (rollout + scoring + 1 PPO epoch), on data_samples/prompts.jsonl, against the last
+  TRL release with a PPOTrainer (1.12.0, trl.experimental.ppo; in its own bench/.venv-trl-ppo, see
+  PEER_PPO_PINS). instruct runs `ppo` from a 1-step sft run and a 1-step rm run --from it; TRL gets the plain
+  model as policy (LoRA through its peft_config), reward and value (num_labels 1, random heads; the value gets
+  the same LoRA + a trainable head; bench/peer_trl_ppo.py lists what still differs). `--rollout-batch`
+  prompts per step, `--mini-batch` rollouts per optimizer step, `--max-new-tokens`, temperature 0.7, AdamW at
+  1e-4, beta 0.02. Also the rollout (generation) tokens/s and the share of each step spent generating.
+Peak memory is each process's peak RSS on CPU (CUDA peak on a GPU). On a CPU shared with other work, pass
+`--threads 1`: torch's default pool (one thread per core) stalls when the cores are taken (a 4x80-token forward
+went from 6 s to 21 s on 2 busy cores), and whichever side meets more load loses.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,18 +38,32 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER = ROOT / "bench" / ".venv-trl"
+# The last TRL release with a PPOTrainer: trl.experimental.ppo in 0.26 to 1.12.0 (trl.PPOTrainer until 0.28);
+# 1.13.0 ships none. Its own requirement is transformers>=4.56.2: pinned to ours so both sides run the same
+# modeling and generate() code. torch is ours too, installed first.
+PEER_PPO = ROOT / "bench" / ".venv-trl-ppo"
+PEER_PPO_PINS = ["trl==1.12.0", "transformers==5.24.0", "peft==0.21.2", "accelerate==1.15.0", "datasets==5.2.0"]
 
 
-def peer_python() -> str:
-    py = PEER / "bin" / "python"
+def venv_python(where: Path, packages: list[str]) -> str:
+    """The peer's own virtual environment, made on first use: our torch version first, then `packages`."""
+    py = where / "bin" / "python"
     if not py.exists():
         import torch
 
-        subprocess.run([sys.executable, "-m", "venv", str(PEER)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", str(where)], check=True)
         version = torch.__version__.split("+")[0]
         subprocess.run([str(py), "-m", "pip", "install", "-q", f"torch=={version}"], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "trl", "peft"], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *packages], check=True)
     return str(py)
+
+
+def peer_python() -> str:
+    return venv_python(PEER, ["trl", "peft"])
+
+
+def peer_ppo_python() -> str:
+    return venv_python(PEER_PPO, PEER_PPO_PINS)
 
 
 def ours_metrics(run_dir: Path) -> list[dict]:
@@ -62,25 +87,81 @@ def run_ours(args: list[str]) -> None:
                    stdout=subprocess.DEVNULL)
 
 
+def ppo_row(a, tmp: Path, model_dir: str) -> dict:
+    """instruct's ppo and TRL's PPOTrainer on the same prompts, batch shapes and lengths; s/step (ratio = TRL's
+    s/step over ours: > 1 means instruct is faster, as in the throughput rows)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # one-step sft and rm runs: ppo needs their run dirs, not their quality
+    quick = ["--max-steps", 1, "-b", 1, "--max-len", 128, "--schedule", "constant", "--warmup", 0, "--eval-frac", 0,
+             "--save-every", 0, "--lora-dropout", 0.05, "-q", "--overwrite"]
+    run_ours(["sft", ROOT / "data_samples" / "demonstrations.jsonl", "-m", "default", "-o", tmp / "ppo_sft", "--lr",
+              2e-4, *quick])
+    run_ours(["rm", ROOT / "data_samples" / "comparisons.jsonl", "--from", tmp / "ppo_sft", "-o", tmp / "ppo_rm",
+              "--lr", 1e-4, *quick])
+    prompts = ROOT / "data_samples" / "prompts.jsonl"
+    load = [os.getloadavg()[0]]  # 1-minute load average before and after each side: other work skews a shared CPU
+    run_ours(["ppo", "--policy", tmp / "ppo_sft", "--reward", tmp / "ppo_rm", "-p", prompts, "-o", tmp / "ppo",
+              "--steps", a.steps, "--rollout-batch-size", a.rollout_batch, "--mini-batch-size", a.mini_batch,
+              "--ppo-epochs", 1, "--max-new-tokens", a.max_new_tokens, "--temperature", 0.7, "--top-p", 1.0,
+              "--lr", 1e-4, "--kl", 0.02, "--ptx-coef", 0, "--lora-r", 16, "--lora-alpha", 32, "--lora-dropout",
+              0.05, "--seed", 0, "--save-every", 0, "-q", "--overwrite"])
+    load.append(os.getloadavg()[0])
+    m = ours_metrics(tmp / "ppo")
+    ours_s = [r["rollout_s"] + r["optimise_s"] for r in m]
+    ours_gen_s = sum(r["rollout_s"] for r in m)
+    ours_tokens = sum(r["tokens_per_s"] * r["rollout_s"] for r in m)
+
+    out, log = tmp / "peer_ppo.json", tmp / "peer_ppo.log"
+    with open(log, "w") as f:  # on failure, read the log
+        subprocess.run([peer_ppo_python(), str(ROOT / "bench" / "peer_trl_ppo.py"), "--model", model_dir,
+                        "--prompts", str(prompts), "--steps", str(a.steps), "--batch", str(a.rollout_batch),
+                        "--mini-batch", str(a.mini_batch), "--max-new-tokens", str(a.max_new_tokens), "--temperature",
+                        "0.7", "--lr", "1e-4", "--kl", "0.02", "--out", str(out)], check=True, env=env,
+                       stdout=f, stderr=subprocess.STDOUT)
+    load.append(os.getloadavg()[0])
+    p = json.loads(out.read_text())
+    return {"what": "ppo", "unit": "s/step", "instruct": statistics.median(ours_s), "trl": p["median_s_per_step"],
+            "ratio": p["median_s_per_step"] / statistics.median(ours_s), "steps_timed": len(m),
+            "instruct_rollout_tok_s": ours_tokens / ours_gen_s, "trl_rollout_tok_s":
+            sum(p["gen_tokens"]) / sum(p["gen_seconds"]), "instruct_gen_share": ours_gen_s / sum(ours_s),
+            "trl_gen_share": sum(p["gen_seconds"]) / sum(p["step_seconds"]),
+            "instruct_peak_mb": max(r["peak_mem_mb"] for r in m), "trl_peak_mb": p["peak_mem_mb"],
+            "trl_version": p["trl"], "trl_transformers": p["transformers"], "threads": a.threads or None,
+            "load_ours": load[:2], "load_trl": load[1:]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=256)
-    ap.add_argument("--only", default="sft,rm4,rm9")
+    ap.add_argument("--only", default="sft,rm4,rm9", help="any of sft,rm4,rm9,ppo")
+    ap.add_argument("--rollout-batch", type=int, default=8, help="ppo: prompts per rollout")
+    ap.add_argument("--mini-batch", type=int, default=4, help="ppo: rollouts per optimizer step")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="ppo: max tokens per rollout response")
+    ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for every run, both sides (0 = "
+                    "torch's default; 1 keeps a CPU shared with other work from stalling torch's thread pool)")
+    ap.add_argument("--repeat", type=int, default=1, help="run each comparison this many times; the table shows "
+                    "medians and the spread of the ratio")
     ap.add_argument("--peer-micro", type=int, default=12, help="TRL's RM micro-batch in pairs (its step keeps "
                     "all the rankings' pairs through accumulation: 72 pairs at once were killed for memory)")
     a = ap.parse_args()
+    if a.threads:  # every subprocess, ours and TRL's, inherits it
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)
     from instructcli import models
 
     model_dir = models.resolve("default").base
-    py = peer_python()
+    py = peer_python() if set(a.only.split(",")) - {"ppo"} else None
     tmp = Path(tempfile.mkdtemp(prefix="vs_trl_"))
     common = ["-m", "default", "--max-steps", a.steps, "-b", a.batch, "--max-len", a.max_len, "--schedule",
               "constant", "--warmup", 0, "--eval-frac", 0, "--save-every", 0, "--lora-dropout", 0.05, "-q",
               "--overwrite"]
     rows = []
-    for what in a.only.split(","):
+    for what in [w for _ in range(a.repeat) for w in a.only.split(",")]:
+        if what == "ppo":
+            rows.append(ppo_row(a, tmp, model_dir))
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         if what == "sft":
             data = ROOT / "data_samples" / "demonstrations.jsonl"
             run_ours(["sft", data, "-o", tmp / "sft", "--lr", 2e-4, *common])
@@ -111,10 +192,25 @@ def main() -> None:
         rows.append({"what": what, "unit": unit, "instruct": ours, "trl": peer, "ratio": ours / peer,
                      "instruct_peak_mb": max(r["peak_mem_mb"] for r in m), "trl_peak_mb": p["peak_mem_mb"]})
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'what':6s} {'unit':18s} {'instruct':>10s} {'TRL':>10s} {'ratio':>7s} {'peak MB ours/TRL':>18s}")
+    print(f"\n{'what':6s} {'unit':18s} {'instruct':>10s} {'TRL':>10s} {'ratio':>7s} {'(min-max, runs)':>16s} "
+          f"{'peak MB ours/TRL':>18s}")
+    for what in dict.fromkeys(r["what"] for r in rows):  # medians over the repeats
+        rs = [r for r in rows if r["what"] == what]
+        med = {k: statistics.median(r[k] for r in rs) for k in ("instruct", "trl", "ratio")}
+        ratios = [r["ratio"] for r in rs]
+        print(f"{what:6s} {rs[0]['unit']:18s} {med['instruct']:10.2f} {med['trl']:10.2f} {med['ratio']:6.2f}x "
+              f"{f'({min(ratios):.2f}-{max(ratios):.2f}, {len(rs)})':>16s} "
+              f"{max(r['instruct_peak_mb'] for r in rs):8.0f}/{max(r['trl_peak_mb'] for r in rs):.0f}")
     for r in rows:
-        print(f"{r['what']:6s} {r['unit']:18s} {r['instruct']:10.2f} {r['trl']:10.2f} {r['ratio']:6.2f}x "
-              f"{r['instruct_peak_mb']:8.0f}/{r['trl_peak_mb']:.0f}")
+        if r["what"] == "ppo":
+            print(f"ppo    rollout tokens/s {r['instruct_rollout_tok_s']:.2f} / {r['trl_rollout_tok_s']:.2f} "
+                  f"(ours/TRL); "
+                  f"share of the step generating {r['instruct_gen_share']:.0%} / {r['trl_gen_share']:.0%}; "
+                  f"{r['steps_timed']} steps timed after a warm-up; TRL {r['trl_version']}, transformers "
+                  f"{r['trl_transformers']}; threads {r['threads'] or 'default'}; 1-min load before/after ours "
+                  f"{r['load_ours'][0]:.1f}/{r['load_ours'][1]:.1f}, TRL "
+                  f"{r['load_trl'][0]:.1f}/{r['load_trl'][1]:.1f}; "
+                  f"ratio = TRL s/step over ours (> 1: instruct faster)")
 
 
 if __name__ == "__main__":

@@ -573,6 +573,7 @@ def main() -> None:
             raise InstructError(f"`instruct {command}` runs in one process; only {', '.join(TRAINING)} train "
                                 "under accelerate launch / torchrun", 2)
         rc = app(standalone_mode=False)
+        parallel.close()
     except InstructError as e:
         from instructcli import console
 

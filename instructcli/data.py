@@ -293,6 +293,11 @@ def iter_rows(path: str, data: bytes) -> Iterator[tuple[int, dict | DataError]]:
 def load(path: str, kind: str, skip_invalid: bool = False, warn: Callable[[str], None] | None = None) -> Loaded:
     """Read and validate a whole JSONL file of one row kind. Raises DataError/InstructError (exit 2)."""
     parse = PARSERS[kind]
+    if str(path) == "-":
+        from instructcli import parallel
+
+        if parallel.world > 1:  # every process would read the one pipe, each getting part of it or nothing
+            raise InstructError("-: stdin cannot be shared by the processes of a launcher; give a file", 2)
     data = _read_bytes(str(path))
     name = "<stdin>" if path == "-" else str(path)
     records, skipped = [], 0

@@ -505,8 +505,12 @@ class RunDir:
             raise
         except Exception as e:  # noqa: BLE001
             raise InstructError(f"{last}: unreadable checkpoint: {e}", 1) from None
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError) as e:
+            raise InstructError(f"{last}: the checkpoint does not fit this model ({e}); was it written by an older "
+                                "instruct? Start again with --overwrite", 2) from None
         ranks = state.get("rng_ranks") or [state["rng"]]
         if len(ranks) == parallel.world:
             set_rng_state(ranks[parallel.rank])
@@ -560,8 +564,8 @@ def rng_state() -> dict:
     import torch
 
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's own device only: a resume may see fewer or other GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -571,8 +575,11 @@ def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints held every visible device's state
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda)
 
 
 def seed_everything(seed: int) -> None:

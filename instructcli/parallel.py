@@ -31,11 +31,15 @@ def init() -> None:
         if os.environ.get(var, "").lower() in ("1", "true"):
             raise InstructError(f"accelerate launch with {name}: not supported; instruct trains LoRA adapters "
                                 "data-parallel (launch with --multi_gpu), see README 'More than one GPU'", 2)
+    from datetime import timedelta
+
     import torch
     from accelerate import PartialState
 
-    # cpu=True when there is no GPU: accelerate then uses gloo (its default would be one process per machine)
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # cpu=True when there is no GPU: accelerate then uses gloo (its default would be one process per machine).
+    # A long timeout: the others wait in a barrier while the main process fills the caches (merging a 7B base
+    # takes minutes; NCCL's default would kill them after 10)
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=2))
     rank, world, local_rank = state.process_index, state.num_processes, state.local_process_index
     main = state.is_main_process
     if torch.cuda.is_available():
@@ -139,6 +143,12 @@ def gather(items: list) -> list:
 def barrier() -> None:
     if world > 1:
         _dist().barrier()
+
+
+def close() -> None:
+    """Leave the process group at a clean exit (NCCL warns otherwise)."""
+    if world > 1:
+        _dist().destroy_process_group()
 
 
 @contextmanager

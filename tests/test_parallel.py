@@ -222,3 +222,12 @@ def test_collectives_with_two_real_processes():
         assert r["gather"] == [0, 1, 1]
     assert (r0["shard"], r1["shard"]) == ([0, 1, 2], [3, 4, 5])
     assert (r0["strided"], r1["strided"]) == ([0, 2, 4], [1, 3])
+
+
+def test_stdin_is_refused_under_a_launcher(monkeypatch):
+    from instructcli import data, parallel
+    from instructcli.errors import InstructError
+
+    monkeypatch.setattr(parallel, "world", 2)
+    with pytest.raises(InstructError, match="stdin cannot be shared"):
+        data.load("-", "demonstrations")
