@@ -687,8 +687,10 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
     with torch.no_grad():
         step = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache = step[kv]
-        shrink = _select_rows(cache, rows)  # False: a cache type we cannot index, so finished rows stay
+        shrink = _indexable(cache)  # False: a cache type we cannot index, so finished rows stay
         if shrink:
+            if n > 1:  # each prompt's cache, copied for its samples
+                _select_rows(cache, rows)
             logits = step.logits[rows, -1]
         else:
             if n > 1:  # each sample forwards its prompt
@@ -726,15 +728,17 @@ def _cache_name(model) -> str:
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
-def _select_rows(cache, index) -> bool:
-    """Keep (or repeat) the cache's batch rows `index`, layer by layer; False if some layer cannot."""
+def _indexable(cache) -> bool:
+    """Whether every layer of the cache is a plain key/value store whose batch rows _select_rows can pick."""
     layers = getattr(cache, "layers", None)
-    if not layers or not all(type(x).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for x in layers):
-        return False
-    for layer in layers:
+    return bool(layers) and all(type(x).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for x in layers)
+
+
+def _select_rows(cache, index) -> None:
+    """Keep (or repeat) the cache's batch rows `index`, layer by layer (an _indexable cache)."""
+    for layer in cache.layers:
         if getattr(layer, "keys", None) is not None and layer.keys.numel():
             layer.keys, layer.values = layer.keys[index], layer.values[index]
-    return True
 
 
 def sample_batches(model, tok, queries: list[list[int]], n: int, temperature: float, top_p: float,

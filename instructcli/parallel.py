@@ -54,6 +54,11 @@ def device() -> str:
     return "cpu"
 
 
+def times() -> str:
+    """'x4 processes' for a log line under a launcher, '' otherwise."""
+    return f"x{world} processes" if world > 1 else ""
+
+
 def shard(items: list) -> list:
     """This process's contiguous share of a list whose length is a multiple of the process count (a step's
     examples); process 0 takes the first share, so the union in rank order is the list."""

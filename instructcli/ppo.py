@@ -160,7 +160,8 @@ def train(cfg: PPOConfig) -> Path:
                     vf_loss, vf_stats = rlhf.value_loss(vpred, values[mb], returns[mb], mask[mb], cfg.cliprange_value)
                     (cfg.vf_coef * vf_loss).backward()
                     parallel.sync_grads(params, average=True)  # each process's mini-batch counts the same
-                    total = parallel.mean(pg_loss.item() + cfg.ptx_coef * ptx_loss.item() + cfg.vf_coef * vf_loss.item())[0]
+                    total = parallel.mean(pg_loss.item() + cfg.ptx_coef * ptx_loss.item()
+                                          + cfg.vf_coef * vf_loss.item())[0]
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
                     if not guard.ok(step + 1, total, grad_norm, optimizer):
                         continue

@@ -53,7 +53,8 @@ def train(cfg: SFTConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: rlhf.lr_lambda(s, total, warmup, t.schedule))
     console.log(f"sft: {len(train_set)} train / {len(eval_set)} eval examples, {total} steps of "
-                f"{t.batch_size}x{t.grad_accum}{f'x{parallel.world} processes' if parallel.world > 1 else ''}, {n_trainable:,} trainable parameters, {mc.quant} base on {device}")
+                f"{t.batch_size}x{t.grad_accum}{parallel.times()}, {n_trainable:,} trainable parameters, {mc.quant} "
+                f"base on {device}")
 
     start, state = 0, None
     if cfg.resume:

@@ -71,7 +71,7 @@ def test_a_cache_that_cannot_be_indexed_falls_back(lm, monkeypatch):
     m, tok, prompts = lm
     eos = eos_choices(m, tok, prompts, 10)[0]
     t = SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=eos)
-    monkeypatch.setattr(models, "_select_rows", lambda cache, index: False)
+    monkeypatch.setattr(models, "_indexable", lambda cache: False)
     assert models.generate(m, t, prompts, 2, 0.0, 1.0, 10, "cpu") == \
         [[w, w] for w in reference(m, tok, prompts, eos, 10)]
 
