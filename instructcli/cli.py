@@ -327,6 +327,10 @@ def ppo(
     gamma: Annotated[float, typer.Option(help="GAE discount.")] = 1.0,
     lam: Annotated[float, typer.Option(help="GAE lambda.")] = 0.95,
     whiten: Annotated[bool, typer.Option(help="Whiten advantages.")] = True,
+    old_logprobs: Annotated[str, typer.Option(help="Where the rollout's log-probs come from: rollout (the "
+                                              "sampling loop; no extra forward), recompute (a policy forward, "
+                                              "the update's own function), auto = rollout on a float32 base "
+                                              "without --quant, else recompute.")] = "auto",
     max_grad_norm: MaxGradNormOpt = 1.0,
     temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Rollout nucleus sampling.")] = 1.0,
@@ -360,6 +364,7 @@ def ppo(
               ppo_epochs=ppo_epochs, lr=lr, max_new_tokens=max_new_tokens, temperature=temperature)
     if kl < 0 or ptx_coef < 0:
         raise InstructError("--kl and --ptx-coef must be >= 0", 2)
+    _check("old_logprobs", old_logprobs, ("auto", "rollout", "recompute"))
     if print_config:
         return _print_config(ctx, dict(ctx.params))
     from instructcli import config as C, ppo as stage

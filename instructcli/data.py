@@ -478,6 +478,12 @@ def collate_rollout(queries: list[list[int]], responses: list[list[int]], pad_id
     return ids, attn, (attn.cumsum(-1) - 1).clamp(min=0), q["input_ids"].shape[1]
 
 
+def length_chunks(lengths: list[int], size: int) -> list[list[int]]:
+    """Indices in order of length, `size` at a time: batches that waste little on padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
 def is_finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 

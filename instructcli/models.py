@@ -666,9 +666,13 @@ def environment() -> dict:
 
 
 def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
-             max_new_tokens: int, device: str) -> list[list[list[int]]]:
+             max_new_tokens: int, device: str, logprobs: bool = False):
     """Sample with a KV cache; per prompt, n lists of new token ids, each cut after its first EOS (kept:
     stopping is one of the policy's actions).
+
+    With `logprobs`, also returns two (prompts x n, longest answer) float tensors, rows in output order and 0
+    past each answer's end: log p(token) and the entropy, both of softmax(logits / temperature) before top-p,
+    which is the distribution PPO's ratio and KL penalty are taken under.
 
     Our own loop rather than `model.generate`, for three reasons. Each prompt is forwarded once and its cache
     copied for its n samples. A row that has emitted EOS leaves the batch, so the others decode with less
@@ -701,8 +705,12 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
         attn, next_pos = attn[rows], pos[rows, -1:] + 1
         rows = torch.arange(len(out), device=device)  # batch row -> output
         live = torch.ones(len(out), dtype=torch.bool, device=device)
+        steps = []  # with logprobs: (rows, log p(token), entropy) per step
         for t in range(max_new_tokens):
             tokens = rlhf.sample_next(logits, temperature, top_p)
+            if logprobs:
+                lp = torch.log_softmax(logits.float() / temperature, -1)
+                steps.append((rows, lp.gather(1, tokens[:, None]).squeeze(1), -(lp.exp() * lp).sum(-1)))
             for r, x, alive in zip(rows.tolist(), tokens.tolist(), live.tolist()):
                 if alive:
                     out[r].append(x)
@@ -717,7 +725,14 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
             step = model(input_ids=tokens[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
                          **{kv: cache})
             logits, next_pos = step.logits[:, -1], next_pos + 1
-    return [out[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+    grouped = [out[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+    if not logprobs:
+        return grouped
+    lp, ent = (torch.zeros(len(out), len(steps), device=device) for _ in range(2))
+    for t, (r, x, e) in enumerate(steps):  # rows that ended at this step still hold their EOS's values
+        lp[r, t], ent[r, t] = x, e
+    ended = torch.tensor([len(x) for x in out], device=device)[:, None] <= torch.arange(len(steps), device=device)
+    return grouped, lp.masked_fill(ended, 0.0), ent.masked_fill(ended, 0.0)
 
 
 def _cache_name(model) -> str:
@@ -772,6 +787,19 @@ def lm_loss_sum(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor,
     return rlhf.nll_sum(logits, targets[where]), int(where.sum())
 
 
+def logits_from(model, ids, attention_mask, position_ids, start: int) -> torch.Tensor:
+    """model(...).logits[:, start:], the LM head applied only from column `start` on. The head gets a
+    contiguous input: transformers' own slice (logits_to_keep) is a strided view, which makes the head a
+    batched matmul over a broadcast weight, 2x slower on CPU."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in PLAIN_LM_HEAD:
+        return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                     logits_to_keep=ids.shape[1] - start).logits
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=ids, attention_mask=attention_mask,
+                                position_ids=position_ids).last_hidden_state
+    return model.get_output_embeddings()(hidden[:, start:].contiguous())
+
+
 def response_logprobs(model, queries: list[list[int]], responses: list[list[int]], pad_id: int, device: str,
                       batch_size: int = 8, temperature: float = 1.0) -> list[torch.Tensor]:
     """log p(response token | prompt, earlier tokens) for each (prompt, response) pair, under the model's
@@ -784,8 +812,7 @@ def response_logprobs(model, queries: list[list[int]], responses: list[list[int]
         for b in range(0, len(queries), batch_size):
             rs = responses[b:b + batch_size]
             ids, attn, pos, P = data.collate_rollout(queries[b:b + batch_size], rs, pad_id, device)
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                           logits_to_keep=ids.shape[1] - P + 1).logits[:, :-1].float() / temperature
+            logits = logits_from(model, ids, attn, pos, P - 1)[:, :-1].float() / temperature
             lp = rlhf.logprobs_from_logits(logits, ids[:, P:]).cpu()
             out += [lp[i, :len(r)] for i, r in enumerate(rs)]
     return out
@@ -891,14 +918,20 @@ class PPOModels(torch.nn.Module):
     def __init__(self, lm, reward: RewardModel | None, value_head: torch.nn.Linear):
         super().__init__()
         self.lm, self.reward, self.value_head = lm, reward, value_head
-        self._trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        self._trainable = [p for p in self.parameters() if p.requires_grad]
+        self._adapter = None
 
     def use(self, adapter: str) -> None:
         """Make `adapter` the one forwards go through. PEFT's set_adapter also flips requires_grad; the
         trainable set (policy + value) is restored, so optimizer and checkpoints see the same parameters."""
+        if adapter == self._adapter:  # set_adapter walks every module: ~30 ms a call on a small model
+            return
         self.lm.set_adapter(adapter)
-        for n, p in self.named_parameters():
-            p.requires_grad_(n in self._trainable)
+        for p in self.lm.parameters():
+            p.requires_grad_(False)
+        for p in self._trainable:
+            p.requires_grad_(True)
+        self._adapter = adapter
 
     def decoder(self):
         return self.lm.get_base_model().get_decoder()

@@ -6,6 +6,7 @@ itself (merged into the base, adapters off), so it costs no weights.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -51,10 +52,16 @@ def train(cfg: PPOConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     kl_ctl = (rlhf.AdaptiveKLController(cfg.kl, cfg.target_kl, cfg.horizon) if cfg.target_kl > 0
               else rlhf.FixedKLController(cfg.kl))
+    # old log-probs from the sampling loop save a forward per step; on a quantized or half-precision base,
+    # cached decoding and a full forward differ by more than float noise, so there the update's own function
+    # recomputes them
+    rollout_logprobs = cfg.old_logprobs == "rollout" or (
+        cfg.old_logprobs == "auto" and mc.quant == "none" and models.torch_dtype(mc.dtype, device) == torch.float32)
     console.log(f"ppo: {len(queries)} prompts, {cfg.steps} steps of {cfg.rollout_batch_size} rollouts, "
                 f"{sum(p.numel() for p in params):,} trainable parameters (policy + value) on one {mc.quant} base "
                 f"on {device}; kl {cfg.kl}{f' -> target {cfg.target_kl}' if cfg.target_kl else ''}, "
-                f"ptx {cfg.ptx_coef if ptx else 0}")
+                f"ptx {cfg.ptx_coef if ptx else 0}; old log-probs "
+                f"{'from the sampling loop' if rollout_logprobs else 'recomputed'}")
     B = cfg.rollout_batch_size  # per process; each process rolls out its own prompts
     start, state = 0, None
     if cfg.resume and (state := run.load_checkpoint(m, optimizer, scheduler)):
@@ -69,32 +76,50 @@ def train(cfg: PPOConfig) -> Path:
     order = data.EpochOrder(len(queries), cfg.seed)
     guard = console.NonFiniteGuard(MAX_BAD_STEPS)
 
-    def response_logits(ids, attn, pos, P):
-        """Logits of the active model (policy, or reference with adapters off) where each response token is
-        predicted; the LM head never runs over the prompt."""
-        logits = m.lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                      logits_to_keep=ids.shape[1] - P + 1).logits
-        return logits[:, :-1].float() / cfg.temperature
-
-    def forward(ids, attn, pos, P, adapter):
-        """Policy logits or values at the positions that predict each response token."""
+    def forward(sel, adapter):
+        """Policy logits (POLICY), reference logits (None: adapters off) or values (VALUE) at the positions that
+        predict each response token of rollout rows `sel`. The rows are collated on their own, to their longest
+        prompt and response, so no work goes to columns that are padding in all of them; the LM head never
+        runs over the prompt."""
+        ids, attn, pos, P = data.collate_rollout([batch_q[i] for i in sel], [responses[i] for i in sel],
+                                                 tok.pad_token_id, device)
         if adapter == VALUE:
             m.use(VALUE)
             h = m.decoder()(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
             return m.value_head(h[:, P - 1:-1].float()).squeeze(-1)
         m.use(POLICY)
-        return response_logits(ids, attn, pos, P)
+        with m.lm.disable_adapter() if adapter is None else contextlib.nullcontext():
+            logits = models.logits_from(m.lm, ids, attn, pos, P - 1)
+        return logits[:, :-1].float() / cfg.temperature
+
+    def logprobs_of(sel, adapter, entropy=False):
+        logits = forward(sel, adapter)
+        lp = rlhf.logprobs_from_logits(logits, resp[sel, :logits.shape[1]])
+        return (lp, rlhf.entropy_from_logits(logits)) if entropy else (lp,)
+
+    def over_rollout(f):
+        """f(rows) -> tensors of (len(rows), their response width), for every rollout row in chunks of
+        --mini-batch-size rows of similar length (little padding, bounded memory); returned as (B, R) tensors in
+        rollout order, 0 past each response."""
+        outs = None
+        for sel in data.length_chunks([len(q) + len(r) for q, r in zip(batch_q, responses)], cfg.mini_batch_size):
+            ys = f(sel)
+            outs = outs or [torch.zeros(B, resp.shape[1], device=device) for _ in ys]
+            for out, y in zip(outs, ys):
+                out[sel, :y.shape[1]] = y
+        return outs
 
     def score(idx, texts, ended) -> torch.Tensor:
         if rule:
-            s = [float(rule(prompts.records[i].prompt, t)) for i, t in zip(idx, texts)]
+            s = torch.tensor([float(rule(prompts.records[i].prompt, t)) for i, t in zip(idx, texts)], device=device)
         else:
             enc = [data.encode_responses(tok, prompts.records[i].messages, [t], 1024, "truncate",
                                          data.OverflowStats(), "")[0] for i, t in zip(idx, texts)]
-            batch = data.collate_sequences(enc, tok.pad_token_id)
+            s = torch.zeros(len(enc), device=device)
             m.use(REWARD)
-            s = m.reward.score(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
-        s = torch.tensor(s, device=device)
+            for sel in data.length_chunks([len(e) for e in enc], cfg.mini_batch_size):
+                batch = data.collate_sequences([enc[i] for i in sel], tok.pad_token_id)
+                s[sel] = m.reward.score(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         s = s - cfg.missing_eos_penalty * (~ended).float()
         return s.clamp(-cfg.reward_clip, cfg.reward_clip) if cfg.reward_clip > 0 else s
 
@@ -108,29 +133,32 @@ def train(cfg: PPOConfig) -> Path:
             # 1. rollout: sample responses from the policy
             t0 = time.time()
             idx = [order[(step * parallel.world + parallel.rank) * B + i] for i in range(B)]
+            batch_q = [queries[i] for i in idx]
             m.use(POLICY)
-            responses = [r[0] for r in models.generate(m.lm, tok, [queries[i] for i in idx], 1, cfg.temperature,
-                                                       cfg.top_p, cfg.max_new_tokens, device)]
+            out = models.generate(m.lm, tok, batch_q, 1, cfg.temperature, cfg.top_p, cfg.max_new_tokens, device,
+                                  logprobs=rollout_logprobs)
+            out, lp, ent = out if rollout_logprobs else (out, None, None)
+            responses = [r[0] for r in out]
             ended = torch.tensor([len(r) > 0 and r[-1] == tok.eos_token_id for r in responses], device=device)
-            ids, attn, pos, P = data.collate_rollout([queries[i] for i in idx], responses, tok.pad_token_id,
-                                                     device)
+            ids, attn, _, P = data.collate_rollout(batch_q, responses, tok.pad_token_id, device)
             resp, mask = ids[:, P:], attn[:, P:].float()
             rollout_s = time.time() - t0
 
-            # 2. score, log-probs under policy and reference, values
+            # 2. score; log-probs under policy (unless the sampling loop gave them) and reference; values
             t1 = time.time()
             with torch.no_grad():
                 texts = [tok.decode(x, skip_special_tokens=True).strip() for x in responses]
                 scores = score(idx, texts, ended)
-                logits = forward(ids, attn, pos, P, POLICY)
-                logprobs = rlhf.logprobs_from_logits(logits, resp)
-                entropy = rlhf.masked_mean(rlhf.entropy_from_logits(logits), mask).item()
-                del logits
-                with m.lm.disable_adapter():  # the reference: the SFT model, which is the base itself
-                    ref_logprobs = rlhf.logprobs_from_logits(response_logits(ids, attn, pos, P), resp)
-                values = forward(ids, attn, pos, P, VALUE)
+                if rollout_logprobs:
+                    logprobs = lp
+                else:
+                    logprobs, ent = over_rollout(lambda sel: logprobs_of(sel, POLICY, entropy=True))
+                entropy = rlhf.masked_mean(ent, mask).item()
+                # the reference: the SFT model, which is the base itself with adapters off
+                ref_logprobs = over_rollout(lambda sel: logprobs_of(sel, None))[0]
+                values = over_rollout(lambda sel: (forward(sel, VALUE),))[0]
 
-                # 3. rewards (per-token KL penalty + score on the last token) and GAE advantages
+            # 3. rewards (per-token KL penalty + score on the last token) and GAE advantages
                 rewards, kl = rlhf.compute_rewards(scores, logprobs, ref_logprobs, mask, kl_ctl.value)
                 advantages, returns = rlhf.gae(values, rewards, mask, cfg.gamma, cfg.lam)
                 if cfg.whiten:  # over the global batch
@@ -144,9 +172,16 @@ def train(cfg: PPOConfig) -> Path:
                                      "vf_clipfrac")}
             for _ in range(cfg.ppo_epochs):
                 for mb in torch.randperm(B).split(cfg.mini_batch_size):
-                    mb = mb.to(device)
-                    new_logprobs = rlhf.logprobs_from_logits(forward(ids[mb], attn[mb], pos[mb], P, POLICY), resp[mb])
-                    pg_loss, pg_stats = rlhf.policy_loss(new_logprobs, logprobs[mb], advantages[mb], mask[mb],
+                    sel = mb.tolist()
+                    logits = forward(sel, POLICY)
+                    R = logits.shape[1]  # the mini-batch's longest response; the columns after it are padding
+
+                    def cut(x):
+                        return x[sel, :R]
+
+                    new_logprobs = rlhf.logprobs_from_logits(logits, cut(resp))
+                    del logits
+                    pg_loss, pg_stats = rlhf.policy_loss(new_logprobs, cut(logprobs), cut(advantages), cut(mask),
                                                          cfg.cliprange)
                     ptx_loss = torch.zeros((), device=device)
                     if ptx_set:
@@ -156,8 +191,9 @@ def train(cfg: PPOConfig) -> Path:
                         s, n = models.lm_loss_sum(m.lm, pb["input_ids"], pb["attention_mask"], pb["labels"])
                         ptx_loss = s / max(n, 1)
                     (pg_loss + cfg.ptx_coef * ptx_loss).backward()
-                    vpred = forward(ids[mb], attn[mb], pos[mb], P, VALUE)
-                    vf_loss, vf_stats = rlhf.value_loss(vpred, values[mb], returns[mb], mask[mb], cfg.cliprange_value)
+                    vpred = forward(sel, VALUE)
+                    vf_loss, vf_stats = rlhf.value_loss(vpred, cut(values), cut(returns), cut(mask),
+                                                        cfg.cliprange_value)
                     (cfg.vf_coef * vf_loss).backward()
                     parallel.sync_grads(params, average=True)  # each process's mini-batch counts the same
                     total = parallel.mean(pg_loss.item() + cfg.ptx_coef * ptx_loss.item()

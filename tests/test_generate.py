@@ -103,3 +103,45 @@ def test_sample_next_greedy_and_frequencies():
     torch.manual_seed(0)
     freq = torch.bincount(rlhf.sample_next(logits, 1.0, 0.7), minlength=3).float() / 20000
     torch.testing.assert_close(freq, torch.tensor([0.625, 0.375, 0.0]), atol=0.015, rtol=0)
+
+
+def test_sample_from_inverts_the_cdf():
+    # zero-probability tokens first, in the middle and last are never drawn; the others at their rates
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.6, 0.3, 0.0]]).expand(40000, 6)
+    torch.manual_seed(0)
+    x = rlhf.sample_from(probs)
+    assert x.shape == (40000,) and x.dtype == torch.long
+    freq = torch.bincount(x, minlength=6).float() / len(x)
+    assert freq[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(freq[[1, 3, 4]], torch.tensor([0.1, 0.6, 0.3]), atol=0.01, rtol=0)
+    # unnormalised rows are sampled as if normalised; a one-hot row always gives its token
+    torch.testing.assert_close((rlhf.sample_from(torch.tensor([[2.0, 6.0]]).expand(40000, 2)) == 1).float().mean(),
+                               torch.tensor(0.75), atol=0.01, rtol=0)
+    assert rlhf.sample_from(torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])).tolist() == [2, 0]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_sampling_logprobs_equal_a_full_forward(lm, n):
+    """The log-probs PPO takes from the sampling loop (--old-logprobs rollout) are those of a full forward over
+    prompt + answer at the same temperature, entropy too; zero past each answer's end, rows leaving early."""
+    m, tok, prompts = lm
+    torch.manual_seed(3)  # with an EOS that never comes, then with the 3rd token of the first answer as EOS:
+    first = models.generate(m, SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=-1), prompts, n, 0.8,
+                            0.9, 10, "cpu")  # the same draws until it comes, so that row leaves early
+    t = SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=first[0][0][2])
+    torch.manual_seed(3)
+    out, lp, ent = models.generate(m, t, prompts, n, 0.8, 0.9, 10, "cpu", logprobs=True)
+    answers = [a for group in out for a in group]
+    queries = [p for p in prompts for _ in range(n)]
+    lens = [len(a) for a in answers]
+    assert len(set(lens)) > 1 and lp.shape == ent.shape == (len(answers), max(lens))
+    want = models.response_logprobs(m, queries, answers, tok.pad_token_id, "cpu", temperature=0.8)
+    ids, attn, pos, P = data.collate_rollout(queries, answers, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        logits = m(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1] / 0.8
+    want_ent = rlhf.entropy_from_logits(logits)
+    for i, k in enumerate(lens):
+        torch.testing.assert_close(lp[i, :k], want[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ent[i, :k], want_ent[i, :k], atol=1e-5, rtol=1e-5)
+        assert not lp[i, k:].any() and not ent[i, k:].any()
+    assert (lp[:, 0] < 0).all() and (ent[:, 0] > 0).all()

@@ -145,3 +145,21 @@ def test_reward_model_path_value_initialised_from_rm(setup, tiny_dir, tmp_path, 
     assert r.code == 2 and "not a reward model run dir (it is sft)" in r.err
     r = cli("ppo", "--policy", sft_dir, "--reward", rm_dir, "-p", prompts, "-o", tmp_path / "x")
     assert r.code == 2 and "--ptx-coef > 0 needs --ptx-data" in r.err
+
+
+def test_old_logprobs_from_the_sampling_loop_match_a_recompute(setup, tmp_path):
+    """--old-logprobs rollout (the sampling loop's) and recompute (a policy forward) on a float32 base: the same
+    samples, so the same scores, KL and entropy, step after step; auto picks rollout here."""
+    runs = {mode: metrics(ppo.train(cfg(setup, tmp_path / mode, steps=3, old_logprobs=mode)))
+            for mode in ("rollout", "recompute", "auto")}
+    for a, b, c in zip(runs["rollout"], runs["recompute"], runs["auto"]):
+        assert a["response_len"] == b["response_len"] and a["score"] == b["score"]
+        for k in ("kl", "entropy", "reward", "policy_loss"):
+            assert a[k] == pytest.approx(b[k], abs=1e-4), k
+        assert a["kl"] == c["kl"] and a["policy_loss"] == c["policy_loss"]
+    assert runs["rollout"][0]["kl"] == pytest.approx(0, abs=1e-5) and runs["rollout"][-1]["kl"] != 0
+
+
+def test_length_chunks():
+    assert data.length_chunks([5, 1, 4, 1, 9], 2) == [[1, 3], [2, 0], [4]]
+    assert data.length_chunks([], 3) == []
