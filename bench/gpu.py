@@ -26,6 +26,8 @@ SHAPES = {  # Llama-2 shapes; the vocabulary is the tokenizer's
                num_key_value_heads=32),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4),  # TinyLlama-1.1B
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),  # a dry run of bench/gpu_suite.sh on a CPU
 }
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}  # dense TFLOP/s
 
@@ -47,7 +49,7 @@ def build(a) -> None:
         return
     cfg, tok = config(a.shape, a.tokenizer)
     t0 = time.time()
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(out)
     tok.save_pretrained(out)

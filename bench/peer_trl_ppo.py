@@ -1,7 +1,7 @@
 """The TRL side of `bench/vs_trl.py --only ppo`; runs inside bench/.venv-trl-ppo (TRL 1.12.0, the last release
 with a PPOTrainer, in trl.experimental.ppo), never in ours.
 
-    python bench/peer_trl_ppo.py --model DIR --prompts FILE --steps N [--batch 8] [--mini-batch 4]
+    python bench/peer_trl_ppo.py --model DIR --prompts FILE --steps N [--batch 8] [--mini-batch 4] [--quant 4bit]
         [--max-new-tokens 32] --out JSON
 
 Set up like the instruct run it is compared with: the same model, prompts (chat template with the generation
@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--kl", type=float, default=0.02)
     ap.add_argument("--max-prompt-len", type=int, default=256, help="longer prompts keep their end")
+    ap.add_argument("--quant", default="none", choices=["none", "8bit", "4bit"],
+                    help="bitsandbytes base for all three models (4bit: NF4, bf16 compute, double quant, as instruct)")
     ap.add_argument("--full-value", action="store_true", help="train the whole value model (TRL's own way) "
                     "instead of a LoRA adapter + head")
     ap.add_argument("--out", required=True)
@@ -85,9 +87,17 @@ def main() -> None:
     train = Dataset.from_list(queries)
 
     dtype = torch.float32 if not gpu else torch.bfloat16
-    policy = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype)
-    reward = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1, dtype=dtype)
-    value = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1, dtype=dtype)
+    load = {"dtype": dtype}
+    if a.quant != "none":
+        from transformers import BitsAndBytesConfig
+
+        load["quantization_config"] = (BitsAndBytesConfig(load_in_8bit=True) if a.quant == "8bit" else
+                                       BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                          bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True))
+        unmatched.append(f"{a.quant} base loaded three times (policy, reward, value); instruct holds one")
+    policy = AutoModelForCausalLM.from_pretrained(a.model, **load)
+    reward = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1, **load)
+    value = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1, **load)
     for m in (reward, value):
         m.config.pad_token_id = tok.pad_token_id
     for p in reward.parameters():
@@ -168,7 +178,8 @@ def main() -> None:
     sec = [s["seconds"] for s in timed]
     result = {
         "trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-        "steps": a.steps, "steps_timed": len(timed), "batch": a.batch, "mini_batch": a.mini_batch,
+        "steps": a.steps, "steps_timed": len(timed), "batch": a.batch, "quant": a.quant,
+        "mini_batch": a.mini_batch,
         "max_new_tokens": a.max_new_tokens, "trainable_params": trainable,
         "median_s_per_step": statistics.median(sec) if sec else None, "step_seconds": sec,
         "gen_seconds": [s["gen_s"] for s in timed], "gen_tokens": [s["gen_tokens"] for s in timed],
