@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/vs_trl.py [--steps 8] [--batch 4] [--max-len 256] [--only sft,rm4,rm9]
     .venv/bin/python bench/vs_trl.py --only ppo [--steps 8] [--rollout-batch 8] [--mini-batch 4] [--max-new-tokens 32]
+    .venv/bin/python bench/vs_trl.py --only demo
 
 TRL goes into its own virtual environment (bench/.venv-trl, made on first use with the same torch version as
 ours; never a dependency of instruct). Both sides run the embedded SmolLM2-135M model with LoRA r 16 /
@@ -19,6 +20,9 @@ their optimizer steps after the first (start-up, tokenising and model loading ex
   the same LoRA + a trainable head; bench/peer_trl_ppo.py lists what still differs). `--rollout-batch`
   prompts per step, `--mini-batch` rollouts per optimizer step, `--max-new-tokens`, temperature 0.7, AdamW at
   1e-4, beta 0.02. Also the rollout (generation) tokens/s and the share of each step spent generating.
+- demo: the README's main command, scripts/demo.sh (sft -> sample -> rm -> ppo-ptx -> sample -> score), wall
+  clock end to end, against the same chain written with TRL 1.12.0 (bench/peer_trl_demo.py, in
+  bench/.venv-trl-ppo; its docstring lists what differs, chiefly that TRL has no PPO-ptx).
 Peak memory is each process's peak RSS on CPU (CUDA peak on a GPU). On a CPU shared with other work, pass
 `--threads 1`: torch's default pool (one thread per core) stalls when the cores are taken (a 4x80-token forward
 went from 6 s to 21 s on 2 busy cores), and whichever side meets more load loses.
@@ -130,12 +134,45 @@ def ppo_row(a, tmp: Path, model_dir: str) -> dict:
             "load_ours": load[:2], "load_trl": load[1:]}
 
 
+def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
+    """Wall seconds and the peak RSS (MB) of the largest process of `cmd`'s tree, measured by a fresh parent."""
+    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "rc = subprocess.run(sys.argv[1:]).returncode; "
+             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); "
+             "sys.exit(rc)")
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, "-c", probe, *cmd], env=env, stdout=subprocess.PIPE, stderr=f,
+                           text=True)
+    if r.returncode:
+        raise SystemExit(f"{cmd[0]} failed (exit {r.returncode}); see {log}")
+    seconds, peak = r.stdout.split()[-2:]
+    return float(seconds), float(peak)
+
+
+def demo_row(tmp: Path, model_dir: str) -> dict:
+    """The README's main command (scripts/demo.sh) and its TRL chain (bench/peer_trl_demo.py), end to end."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DEMO_OUT": str(tmp / "demo"),
+           "VIRTUAL_ENV": str(Path(sys.executable).parent.parent),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    load = [os.getloadavg()[0]]
+    ours_s, ours_mb = timed(["bash", str(ROOT / "scripts" / "demo.sh")], env, tmp / "demo.log")
+    load.append(os.getloadavg()[0])
+    peer_s, peer_mb = timed([peer_ppo_python(), str(ROOT / "bench" / "peer_trl_demo.py"), "--model", model_dir,
+                             "--out", str(tmp / "peer_demo")], {**os.environ, "HF_HUB_OFFLINE": "1"},
+                            tmp / "peer_demo.log")
+    load.append(os.getloadavg()[0])
+    p = json.loads((tmp / "peer_demo" / "result.json").read_text())
+    return {"what": "demo", "unit": "s end to end", "instruct": ours_s, "trl": peer_s, "ratio": peer_s / ours_s,
+            "instruct_peak_mb": ours_mb, "trl_peak_mb": peer_mb, "trl_stages": p["stages"],
+            "trl_reward_sft_ppo": [p["mean_reward_sft"], p["mean_reward_ppo"]], "load": load}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=256)
-    ap.add_argument("--only", default="sft,rm4,rm9", help="any of sft,rm4,rm9,ppo")
+    ap.add_argument("--only", default="sft,rm4,rm9", help="any of sft,rm4,rm9,ppo,demo")
     ap.add_argument("--rollout-batch", type=int, default=8, help="ppo: prompts per rollout")
     ap.add_argument("--mini-batch", type=int, default=4, help="ppo: rollouts per optimizer step")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="ppo: max tokens per rollout response")
@@ -151,15 +188,15 @@ def main() -> None:
     from instructcli import models
 
     model_dir = models.resolve("default").base
-    py = peer_python() if set(a.only.split(",")) - {"ppo"} else None
+    py = peer_python() if set(a.only.split(",")) - {"ppo", "demo"} else None
     tmp = Path(tempfile.mkdtemp(prefix="vs_trl_"))
     common = ["-m", "default", "--max-steps", a.steps, "-b", a.batch, "--max-len", a.max_len, "--schedule",
               "constant", "--warmup", 0, "--eval-frac", 0, "--save-every", 0, "--lora-dropout", 0.05, "-q",
               "--overwrite"]
     rows = []
     for what in [w for _ in range(a.repeat) for w in a.only.split(",")]:
-        if what == "ppo":
-            rows.append(ppo_row(a, tmp, model_dir))
+        if what in ("ppo", "demo"):
+            rows.append(ppo_row(a, tmp, model_dir) if what == "ppo" else demo_row(tmp, model_dir))
             print(json.dumps(rows[-1]), flush=True)
             continue
         if what == "sft":
