@@ -158,7 +158,7 @@ def train(cfg: PPOConfig) -> Path:
                 ref_logprobs = over_rollout(lambda sel: logprobs_of(sel, None))[0]
                 values = over_rollout(lambda sel: (forward(sel, VALUE),))[0]
 
-            # 3. rewards (per-token KL penalty + score on the last token) and GAE advantages
+                # 3. rewards (per-token KL penalty + score on the last token) and GAE advantages
                 rewards, kl = rlhf.compute_rewards(scores, logprobs, ref_logprobs, mask, kl_ctl.value)
                 advantages, returns = rlhf.gae(values, rewards, mask, cfg.gamma, cfg.lam)
                 if cfg.whiten:  # over the global batch
