@@ -67,6 +67,10 @@ def main() -> None:
         turns = [{"role": "user", "content": prompt}]
         return turns + [{"role": "assistant", "content": response}] if response else turns
 
+    def merged(peft_model, name):  # each stage's adapter merged into a plain model dir, the next stage's input
+        peft_model.merge_and_unload().save_pretrained(f"{out}/{name}")
+        tok.save_pretrained(f"{out}/{name}")
+
     # 1. sft
     t = time.perf_counter()
     demos = [r.get("messages") or chat(r["prompt"], r["response"]) for r in rows("data_samples/demonstrations.jsonl")]
@@ -78,8 +82,7 @@ def main() -> None:
                                     warmup_steps=max(1, a.sft_steps // 20), max_length=512, eval_strategy="steps",
                                     eval_steps=10, save_steps=10, save_total_limit=2, **common))
     sft.train()
-    sft.model.merge_and_unload().save_pretrained(f"{out}/sft")
-    tok.save_pretrained(f"{out}/sft")
+    merged(sft.model, "sft")
     del sft
     times["sft"] = time.perf_counter() - t
 
@@ -122,8 +125,7 @@ def main() -> None:
                                          warmup_steps=max(1, a.rm_steps // 20), max_length=256,
                                          eval_strategy="steps", eval_steps=6, save_strategy="no", **common))
     rm.train()
-    rm.model.merge_and_unload().save_pretrained(f"{out}/rm")
-    tok.save_pretrained(f"{out}/rm")
+    merged(rm.model, "rm")
     del rm
     times["rm"] = time.perf_counter() - t
 
@@ -154,8 +156,7 @@ def main() -> None:
                      train_dataset=queries, value_model=value,
                      peft_config=LoraConfig(task_type="CAUSAL_LM", **lora))
     ppo.train()
-    ppo.accelerator.unwrap_model(ppo.model).policy.merge_and_unload().save_pretrained(f"{out}/ppo")
-    tok.save_pretrained(f"{out}/ppo")
+    merged(ppo.accelerator.unwrap_model(ppo.model).policy, "ppo")
     del ppo
     times["ppo"] = time.perf_counter() - t
 
