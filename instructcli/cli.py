@@ -364,7 +364,7 @@ def ppo(
               ppo_epochs=ppo_epochs, lr=lr, max_new_tokens=max_new_tokens, temperature=temperature)
     if kl < 0 or ptx_coef < 0:
         raise InstructError("--kl and --ptx-coef must be >= 0", 2)
-    _check("old_logprobs", old_logprobs, ("auto", "rollout", "recompute"))
+    _check("old-logprobs", old_logprobs, ("auto", "rollout", "recompute"))
     if print_config:
         return _print_config(ctx, dict(ctx.params))
     from instructcli import config as C, ppo as stage

@@ -98,6 +98,10 @@ def test_bad_input_in_a_subprocess_is_one_line_no_traceback(tmp_path):
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "--quant: expected one of none | 8bit | 4bit" in r.stderr
     assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "instructcli", "ppo", "--policy", "x", "--reward", "y", "-p", "z",
+                        "--old-logprobs", "bogus"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: --old-logprobs: expected one of auto | rollout | recompute, got 'bogus'")
 
 
 def test_config_file_sets_defaults_and_flags_override(cli, tmp_path):
