@@ -328,8 +328,8 @@ def ppo(
     lam: Annotated[float, typer.Option(help="GAE lambda.")] = 0.95,
     whiten: Annotated[bool, typer.Option(help="Whiten advantages.")] = True,
     old_logprobs: Annotated[str, typer.Option(help="Where the rollout's log-probs come from: rollout (the "
-                                              "sampling loop; no extra forward), recompute (a policy forward, "
-                                              "the update's own function), auto = rollout on a float32 base "
+                                              "sampling loop; no extra forward), recompute (a full policy "
+                                              "forward, as the update runs), auto = rollout on a float32 base "
                                               "without --quant, else recompute.")] = "auto",
     max_grad_norm: MaxGradNormOpt = 1.0,
     temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.")] = 1.0,

@@ -97,7 +97,7 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten: bool = True
-    old_logprobs: str = "auto"  # rollout (from the sampling loop) | recompute (a policy forward) | auto
+    old_logprobs: str = "auto"  # rollout (from the sampling loop) | recompute (a full policy forward) | auto
     max_grad_norm: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0

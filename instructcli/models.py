@@ -782,7 +782,8 @@ def lm_loss_sum(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor,
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[where]
     else:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                    use_cache=False).last_hidden_state
         logits = model.get_output_embeddings()(hidden[where])  # LoRA on the head, if any, included
     return rlhf.nll_sum(logits, targets[where]), int(where.sum())
 
@@ -795,8 +796,8 @@ def logits_from(model, ids, attention_mask, position_ids, start: int) -> torch.T
         return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                      logits_to_keep=ids.shape[1] - start).logits
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=ids, attention_mask=attention_mask,
-                                position_ids=position_ids).last_hidden_state
+    hidden = base.get_decoder()(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False).last_hidden_state
     return model.get_output_embeddings()(hidden[:, start:].contiguous())
 
 
@@ -845,7 +846,7 @@ class RewardModel(torch.nn.Module):
 
         decoder = self.lm.get_base_model().get_decoder() if hasattr(self.lm, "get_base_model") \
             else self.lm.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         last = hidden[torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)]
         return self.head(last.float()).squeeze(-1)
 

@@ -25,6 +25,8 @@ def train(cfg: PPOConfig) -> Path:
     console.set_quiet(cfg.quiet)
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise InstructError("--ptx-coef > 0 needs --ptx-data (pretraining rows); --ptx-coef 0 is plain PPO", 2)
+    if cfg.old_logprobs not in ("auto", "rollout", "recompute"):
+        raise InstructError(f"--old-logprobs: expected one of auto | rollout | recompute, got {cfg.old_logprobs!r}", 2)
     if cfg.rollout_batch_size % cfg.mini_batch_size:
         raise InstructError("--rollout-batch-size must be a multiple of --mini-batch-size", 2)
     run = models.RunDir(cfg.out, cfg.overwrite, cfg.resume)
@@ -53,8 +55,8 @@ def train(cfg: PPOConfig) -> Path:
     kl_ctl = (rlhf.AdaptiveKLController(cfg.kl, cfg.target_kl, cfg.horizon) if cfg.target_kl > 0
               else rlhf.FixedKLController(cfg.kl))
     # old log-probs from the sampling loop save a forward per step; on a quantized or half-precision base,
-    # cached decoding and a full forward differ by more than float noise, so there the update's own function
-    # recomputes them
+    # cached decoding and a full forward differ by more than float noise, so there a full forward, as the update
+    # runs, recomputes them
     rollout_logprobs = cfg.old_logprobs == "rollout" or (
         cfg.old_logprobs == "auto" and mc.quant == "none" and models.torch_dtype(mc.dtype, device) == torch.float32)
     console.log(f"ppo: {len(queries)} prompts, {cfg.steps} steps of {cfg.rollout_batch_size} rollouts, "
@@ -85,7 +87,7 @@ def train(cfg: PPOConfig) -> Path:
                                                  tok.pad_token_id, device)
         if adapter == VALUE:
             m.use(VALUE)
-            h = m.decoder()(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+            h = m.decoder()(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
             return m.value_head(h[:, P - 1:-1].float()).squeeze(-1)
         m.use(POLICY)
         with m.lm.disable_adapter() if adapter is None else contextlib.nullcontext():
