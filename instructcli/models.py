@@ -781,9 +781,7 @@ def lm_loss_sum(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor,
     if getattr(getattr(model, "config", None), "model_type", None) not in PLAIN_LM_HEAD:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[where]
     else:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                    use_cache=False).last_hidden_state
+        hidden = hidden_states(model, input_ids, attention_mask)
         logits = model.get_output_embeddings()(hidden[where])  # LoRA on the head, if any, included
     return rlhf.nll_sum(logits, targets[where]), int(where.sum())
 
@@ -795,10 +793,16 @@ def logits_from(model, ids, attention_mask, position_ids, start: int) -> torch.T
     if getattr(getattr(model, "config", None), "model_type", None) not in PLAIN_LM_HEAD:
         return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                      logits_to_keep=ids.shape[1] - start).logits
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                                use_cache=False).last_hidden_state
+    hidden = hidden_states(model, ids, attention_mask, position_ids)
     return model.get_output_embeddings()(hidden[:, start:].contiguous())
+
+
+def hidden_states(model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    """The decoder's last hidden states of a causal LM (PEFT-wrapped or not; its active adapters apply), with
+    no KV cache: for the heads that run only where they are needed (LM head, score head, value head)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state
 
 
 def response_logprobs(model, queries: list[list[int]], responses: list[list[int]], pad_id: int, device: str,
@@ -844,9 +848,7 @@ class RewardModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask):
         from instructcli.rlhf import last_token_index
 
-        decoder = self.lm.get_base_model().get_decoder() if hasattr(self.lm, "get_base_model") \
-            else self.lm.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = hidden_states(self.lm, input_ids, attention_mask)
         last = hidden[torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)]
         return self.head(last.float()).squeeze(-1)
 
@@ -933,9 +935,6 @@ class PPOModels(torch.nn.Module):
         for p in self._trainable:
             p.requires_grad_(True)
         self._adapter = adapter
-
-    def decoder(self):
-        return self.lm.get_base_model().get_decoder()
 
 
 def ppo_models(policy: Source, reward_spec: str, mc: ModelConfig, device: str, log=None):

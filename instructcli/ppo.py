@@ -87,7 +87,7 @@ def train(cfg: PPOConfig) -> Path:
                                                  tok.pad_token_id, device)
         if adapter == VALUE:
             m.use(VALUE)
-            h = m.decoder()(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
+            h = models.hidden_states(m.lm, ids, attn, pos)
             return m.value_head(h[:, P - 1:-1].float()).squeeze(-1)
         m.use(POLICY)
         with m.lm.disable_adapter() if adapter is None else contextlib.nullcontext():

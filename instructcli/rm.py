@@ -72,8 +72,7 @@ def train(cfg: RMConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: rlhf.lr_lambda(s, total, warmup, t.schedule))
     console.log(f"rm: {len(train_set)} train / {len(eval_set)} eval prompts, {total} steps of "
                 f"{t.batch_size}x{t.grad_accum}{parallel.times()} prompts, {sum(p.numel() for p in params):,} "
-                f"trainable parameters, "
-                f"{mc.quant} base on {device}")
+                f"trainable parameters, {mc.quant} base on {device}")
     start, state = 0, None
     if cfg.resume and (state := run.load_checkpoint(model, optimizer, scheduler)):
         start = state["step"]
