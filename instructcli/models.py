@@ -7,6 +7,7 @@ Run dirs are built in `<out>.partial` and renamed into place, so a run dir that 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -674,10 +675,12 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
     past each answer's end: log p(token) and the entropy, both of softmax(logits / temperature) before top-p,
     which is the distribution PPO's ratio and KL penalty are taken under.
 
-    Our own loop rather than `model.generate`, for three reasons. Each prompt is forwarded once and its cache
+    Our own loop rather than `model.generate`, for these reasons. Each prompt is forwarded once and its cache
     copied for its n samples. A row that has emitted EOS leaves the batch, so the others decode with less
-    work (answers' lengths vary a lot). And it samples from exactly softmax(logits / temperature) with top-p,
+    work (answers' lengths vary a lot). It samples from exactly softmax(logits / temperature) with top-p,
     which PPO's log-probs assume, whatever the model's generation_config adds (repetition penalties, top-k).
+    And decoding costs less: the KV cache grows in place (_preallocate), and on CPU the linear layers take
+    their decode form (decode_linears).
     """
     from instructcli import data, rlhf
 
@@ -688,7 +691,7 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
     ids = batch["input_ids"].to(device)
     rows = torch.arange(len(prompt_ids), device=device).repeat_interleave(n)  # batch row -> prompt
     kv = _cache_name(model)
-    with torch.no_grad():
+    with torch.no_grad(), decode_linears(model):
         step = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache = step[kv]
         shrink = _indexable(cache)  # False: a cache type we cannot index, so finished rows stay
@@ -702,6 +705,8 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
                              logits_to_keep=1)
                 cache = step[kv]
             logits = step.logits[:, -1]
+        if shrink:
+            _preallocate(cache, max_new_tokens)
         attn, next_pos = attn[rows], pos[rows, -1:] + 1
         rows = torch.arange(len(out), device=device)  # batch row -> output
         live = torch.ones(len(out), dtype=torch.bool, device=device)
@@ -735,6 +740,77 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
     return grouped, lp.masked_fill(ended, 0.0), ent.masked_fill(ended, 0.0)
 
 
+# Decoding on CPU: at a handful of rows, MKL's sgemm reads a (out, in) weight at about half the speed when the
+# weight is its second operand (x @ W.T, what nn.Linear does) than when it is the first (W @ x.T): 1536x576 at 8
+# rows, 412 vs 314 us on the 2-core x86 CI machine (bench/rollout.py has the end-to-end figure). Both compute the
+# same products, summed in another order. Up to this many rows per call; above it the two are level.
+DECODE_ROWS = 64
+
+
+def _decode_linear(mod, orig, x, *args, **kwargs):
+    """nn.Linear's forward, computed as (W @ x.T).T for a few rows on CPU."""
+    rows = x.numel() // x.shape[-1]
+    if args or kwargs or rows > DECODE_ROWS or x.dtype != mod.weight.dtype:
+        return orig(x, *args, **kwargs)
+    y = mod.weight @ x.reshape(rows, -1).T
+    if mod.bias is not None:
+        y = y + mod.bias[:, None]
+    return y.T.contiguous().view(*x.shape[:-1], -1)
+
+
+def _decode_lora(mod, orig, x, *args, **kwargs):
+    """peft's LoRA Linear forward (one plain adapter, no dropout), as one column-major product chain:
+    W x + s B (A x), with W x as in _decode_linear. peft's own forward runs about 8 ops and a Python loop per
+    layer; at decode sizes that overhead was a quarter of the step."""
+    rows = x.numel() // x.shape[-1]
+    active = [a for a in mod.active_adapters if a in mod.lora_A]
+    if (args or kwargs or rows > DECODE_ROWS or mod.disable_adapters or mod.merged or len(active) != 1
+            or active[0] in mod.lora_variant or (mod.training and mod.lora_dropout[active[0]].p > 0)):
+        return orig(x, *args, **kwargs)
+    a = active[0]
+    base, A, B = mod.base_layer, mod.lora_A[a].weight, mod.lora_B[a].weight
+    if A.dtype != x.dtype or base.weight.dtype != x.dtype:
+        return orig(x, *args, **kwargs)
+    xt = x.reshape(rows, -1).T
+    y = base.weight @ xt
+    if base.bias is not None:
+        y = y + base.bias[:, None]
+    y = y.addmm_(B, A @ xt, alpha=mod.scaling[a])
+    return y.T.contiguous().view(*x.shape[:-1], -1)
+
+
+@contextlib.contextmanager
+def decode_linears(model):
+    """While decoding on CPU: the model's float nn.Linear layers and peft LoRA Linears (over a float nn.Linear)
+    compute as _decode_linear / _decode_lora for calls of up to DECODE_ROWS rows. Quantized layers, other
+    devices, and other calls keep their own forward."""
+    import functools
+
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:  # peft is a dependency; keep plain linears fast without it all the same
+        LoraLinear = None
+    patched = []
+    for mod in model.modules():
+        if LoraLinear is not None and type(mod) is LoraLinear:
+            fast, w = _decode_lora, getattr(mod.base_layer, "weight", None)
+            if type(mod.base_layer) is not torch.nn.Linear:
+                continue
+        elif type(mod) is torch.nn.Linear:
+            fast, w = _decode_linear, mod.weight
+        else:
+            continue
+        if w.device.type != "cpu" or w.dtype != torch.float32 or "forward" in mod.__dict__:
+            continue
+        mod.forward = functools.partial(fast, mod, mod.forward)
+        patched.append(mod)
+    try:
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
+
+
 def _cache_name(model) -> str:
     """The KV cache's name in forward() and its output: `cache` from transformers 5.2x, `past_key_values` before."""
     import inspect
@@ -747,6 +823,35 @@ def _indexable(cache) -> bool:
     """Whether every layer of the cache is a plain key/value store whose batch rows _select_rows can pick."""
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(type(x).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for x in layers)
+
+
+def _preallocate(cache, room: int) -> None:
+    """Let each plain layer of the cache append its next `room` tokens in place. DynamicLayer.update
+    concatenates, copying the whole cache at every step: 10 % of a decode step at 8 rows and ~110 tokens on CPU,
+    and growing with the length. The layer's keys/values become views of the first n positions of a buffer with
+    `room` more; a layer whose keys were replaced since (_select_rows) gets a new buffer on its next update."""
+    import functools
+
+    for layer in cache.layers:
+        if type(layer).__name__ == "DynamicLayer" and "update" not in layer.__dict__:
+            layer.update = functools.partial(_append_in_place, layer, room)
+
+
+def _append_in_place(layer, room, key_states, value_states, *args, **kwargs):
+    k, v = layer.keys, layer.values
+    if k is None or not k.numel():  # nothing cached yet: the layer's own update initialises it
+        return type(layer).update(layer, key_states, value_states, *args, **kwargs)
+    n, m = k.shape[-2], key_states.shape[-2]
+    buf = layer.__dict__.get("_instruct_buf")
+    if buf is None or buf[0].data_ptr() != k.data_ptr() or buf[0].shape[0] != k.shape[0] or buf[0].shape[-2] < n + m:
+        # rows were dropped (keys replaced): the old capacity still covers the generation's end
+        cap = buf[0].shape[-2] if buf is not None and buf[0].shape[-2] >= n + m else n + max(room, m)
+        buf = tuple(t.new_empty(*t.shape[:-2], cap, t.shape[-1]) for t in (k, v))
+        buf[0][..., :n, :], buf[1][..., :n, :] = k, v
+        layer._instruct_buf = buf
+    buf[0][..., n:n + m, :], buf[1][..., n:n + m, :] = key_states, value_states
+    layer.keys, layer.values = buf[0][..., :n + m, :], buf[1][..., :n + m, :]
+    return layer.keys, layer.values
 
 
 def _select_rows(cache, index) -> None:

@@ -145,3 +145,67 @@ def test_sampling_logprobs_equal_a_full_forward(lm, n):
         torch.testing.assert_close(ent[i, :k], want_ent[i, :k], atol=1e-5, rtol=1e-5)
         assert not lp[i, k:].any() and not ent[i, k:].any()
     assert (lp[:, 0] < 0).all() and (ent[:, 0] > 0).all()
+
+
+def test_decode_linears_compute_what_the_layers_do_and_are_undone(lm):
+    """The CPU decode forms of nn.Linear and of peft's LoRA Linear give the layers' own outputs (adapter on and
+    off), and leaving the context restores the layers' forwards."""
+    m, tok, prompts = lm
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])  # 6 rows per linear call: the decode form
+    lora = [x for x in m.modules() if type(x).__name__ == "Linear" and hasattr(x, "lora_A")]
+    plain = [x for x in m.modules() if type(x) is torch.nn.Linear and not any(x is y.base_layer for y in lora)]
+    with torch.no_grad():
+        want = m(input_ids=ids).logits
+        with m.disable_adapter():
+            want_off = m(input_ids=ids).logits
+        with models.decode_linears(m):
+            assert all("forward" in x.__dict__ for x in lora + plain)
+            got = m(input_ids=ids).logits
+            with m.disable_adapter():
+                got_off = m(input_ids=ids).logits
+    assert not any("forward" in x.__dict__ for x in m.modules())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_off, want_off, atol=1e-5, rtol=1e-5)
+    assert (want - want_off).abs().max() > 1e-2  # the adapter counts: dropping its term would fail above
+    lin = torch.nn.Linear(7, 5)  # with a bias, over a 3-d input
+    x = torch.randn(3, 2, 7)
+    with models.decode_linears(lin):
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+
+
+def test_preallocated_cache_appends_like_concatenation(lm):
+    """The in-place KV append gives the same keys, values and logits as transformers' concatenation, across a
+    buffer that runs out of room and rows leaving the batch."""
+    m, tok, prompts = lm
+    b = data.collate_prompts(prompts, tok.pad_token_id)
+    kv = models._cache_name(m)
+    runs = []
+    for prealloc in (False, True):
+        attn = b["attention_mask"]
+        pos = (attn.cumsum(1) - 1).clamp(min=0)
+        with torch.no_grad():
+            step = m(input_ids=b["input_ids"], attention_mask=attn, position_ids=pos, use_cache=True)
+            cache, nxt, logits = step[kv], pos[:, -1:] + 1, []
+            if prealloc:
+                models._preallocate(cache, 2)  # room for 2 tokens: the third append finds it full
+            tokens = step.logits[:, -1].argmax(-1)
+            for t in range(5):
+                if t == 3:  # rows 0 and 2 leave
+                    keep = torch.tensor([1, 3])
+                    models._select_rows(cache, keep)
+                    tokens, attn, nxt = tokens[keep], attn[keep], nxt[keep]
+                attn = torch.cat([attn, attn.new_ones(len(attn), 1)], 1)
+                step = m(input_ids=tokens[:, None], attention_mask=attn, position_ids=nxt, use_cache=True,
+                         **{kv: cache})
+                logits.append(step.logits[:, -1])
+                tokens, nxt = step.logits[:, -1].argmax(-1), nxt + 1
+        if prealloc:  # the appends went to the buffers
+            assert all(x.keys.data_ptr() == x._instruct_buf[0].data_ptr() for x in cache.layers)
+        runs.append((logits, [(x.keys.clone(), x.values.clone()) for x in cache.layers]))
+    (want, want_kv), (got, got_kv) = runs
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w)
+    for (wk, wv), (gk, gv) in zip(want_kv, got_kv):
+        assert gk.shape == wk.shape == (2, wk.shape[1], b["input_ids"].shape[1] + 5, wk.shape[3])
+        torch.testing.assert_close(gk, wk)
+        torch.testing.assert_close(gv, wv)
