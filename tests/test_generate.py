@@ -151,7 +151,7 @@ def test_decode_linears_compute_what_the_layers_do_and_are_undone(lm):
     """The CPU decode forms of nn.Linear and of peft's LoRA Linear give the layers' own outputs (adapter on and
     off), and leaving the context restores the layers' forwards."""
     m, tok, prompts = lm
-    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])  # 6 rows per linear call: the decode form
+    ids = torch.tensor([[5, 6, 7, 8, 9], [8, 9, 10, 11, 12]])  # 10 rows per linear call: decode form, padded to 16
     lora = [x for x in m.modules() if type(x).__name__ == "Linear" and hasattr(x, "lora_A")]
     plain = [x for x in m.modules() if type(x) is torch.nn.Linear and not any(x is y.base_layer for y in lora)]
     with torch.no_grad():
@@ -167,10 +167,10 @@ def test_decode_linears_compute_what_the_layers_do_and_are_undone(lm):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_off, want_off, atol=1e-5, rtol=1e-5)
     assert (want - want_off).abs().max() > 1e-2  # the adapter counts: dropping its term would fail above
-    lin = torch.nn.Linear(7, 5)  # with a bias, over a 3-d input
-    x = torch.randn(3, 2, 7)
-    with models.decode_linears(lin):
-        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    lin = torch.nn.Linear(7, 5)  # with a bias, over a 3-d input; 6 rows (as is) and 9 (padded to 16)
+    for x in (torch.randn(3, 2, 7), torch.randn(3, 3, 7)):
+        with models.decode_linears(lin):
+            torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
 
 
 def test_preallocated_cache_appends_like_concatenation(lm):
