@@ -3,11 +3,17 @@ LoRA policy, prompts, temperature, top-p and lengths. Prints tokens/s (answer to
 EOS) for each, median and spread over --reps runs with different seeds, and the ratio.
 
     .venv/bin/python bench/rollout.py [--batch 8] [--max-new-tokens 64] [--n 1] [--reps 5] [--model default]
+
+With --decode-step, instead: ms per decode step (--batch rows after a --prompt-len token prompt, 100) with each of the loop's
+CPU decode changes on top of the previous (none; W @ x.T linears; the lean LoRA chain; the in-place KV cache),
+alternating, 3 rounds of 20 steps, median.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import statistics
 import time
 
@@ -31,6 +37,43 @@ def plain_generate(model, tok, prompts, n, temperature, top_p, max_new, device):
     return [cut[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
+def decode_steps(model, rows: int, prompt_len: int) -> None:
+    @contextlib.contextmanager
+    def plain_linears_only():  # the W @ x.T form for nn.Linear (LoRA's base, A and B too); peft's LoRA forward
+        done = []
+        for mod in model.modules():
+            if type(mod) is torch.nn.Linear:
+                mod.forward = functools.partial(models._decode_linear, mod, mod.forward)
+                done.append(mod)
+        try:
+            yield
+        finally:
+            for mod in done:
+                del mod.forward
+
+    variants = {"none": (contextlib.nullcontext, False), "W @ x.T": (plain_linears_only, False),
+                "+ lean LoRA": (lambda: models.decode_linears(model), False),
+                "+ in-place cache": (lambda: models.decode_linears(model), True)}
+    ids = torch.randint(100, 1000, (rows, prompt_len))
+    res = {k: [] for k in variants}
+    for _ in range(3):
+        for name, (ctx, prealloc) in variants.items():
+            with torch.no_grad(), ctx():
+                cache = model(input_ids=ids, use_cache=True).past_key_values
+                if prealloc:
+                    models._preallocate(cache, 24)
+                last, attn, ts = ids[:, -1:], torch.ones(rows, prompt_len + 1, dtype=torch.long), []
+                for _ in range(24):
+                    t0 = time.perf_counter()
+                    model(input_ids=last, attention_mask=attn, use_cache=True, past_key_values=cache)
+                    ts.append(time.perf_counter() - t0)
+                    attn = torch.cat([attn, attn.new_ones(rows, 1)], 1)
+                res[name].append(statistics.median(ts[4:]) * 1000)
+    print(f"decode step, {rows} rows after a {prompt_len}-token prompt, {torch.get_num_threads()} threads")
+    for k, v in res.items():
+        print(f"{k:18s} {statistics.median(v):7.1f} ms  (min {min(v):.1f}, max {max(v):.1f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
@@ -41,12 +84,16 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quant", default="none")
+    ap.add_argument("--decode-step", action="store_true", help="time one decode step per CPU change instead")
+    ap.add_argument("--prompt-len", type=int, default=100, help="--decode-step: tokens in the cache")
     a = ap.parse_args()
     device = models.pick_device()
     src = models.resolve(a.model)
     tok = models.load_tokenizer(src)
     model = models.trainable_model(src.as_base(), ModelConfig(quant=a.quant), device)  # the PPO policy: LoRA on
     model.eval()
+    if a.decode_step:
+        return decode_steps(model, a.batch, a.prompt_len)
     rows = data.load("data_samples/prompts.jsonl", "prompts", False, print)
     queries, _ = data.encode_prompts(tok, rows, 256)
     prompts = queries[:a.batch]
