@@ -209,3 +209,40 @@ def test_preallocated_cache_appends_like_concatenation(lm):
         assert gk.shape == wk.shape == (2, wk.shape[1], b["input_ids"].shape[1] + 5, wk.shape[3])
         torch.testing.assert_close(gk, wk)
         torch.testing.assert_close(gv, wv)
+
+
+@pytest.mark.parametrize("kind", ["plain", "lora_bias", "dora", "dropout_training", "two_adapters"])
+def test_decode_lora_matches_peft_or_falls_back(kind):
+    """LoRA layers the decode form does not cover (a bias on B, DoRA, live dropout, two active adapters) keep
+    peft's forward; a plain one takes it. Either way the output is peft's."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.ReLU(), torch.nn.Linear(10, 6))
+    cfg = dict(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False,
+               lora_dropout=0.5 if kind == "dropout_training" else 0.0)
+    m = get_peft_model(net, LoraConfig(lora_bias=kind == "lora_bias", use_dora=kind == "dora", **cfg))
+    if kind == "two_adapters":
+        m.add_adapter("b", LoraConfig(**cfg))
+        m.base_model.set_adapter(["default", "b"])
+    m.train(kind == "dropout_training")
+    x = torch.randn(5, 12)
+    cls = type(m.base_model.model[0])
+    calls = []
+    real = cls.forward
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    torch.manual_seed(1)
+    want = m(x)
+    cls.forward = counted
+    try:
+        with models.decode_linears(m):
+            torch.manual_seed(1)
+            got = m(x)
+    finally:
+        cls.forward = real
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(calls) == (0 if kind == "plain" else 2)  # peft's own forward, once per LoRA layer
