@@ -4,9 +4,9 @@ EOS) for each, median and spread over --reps runs with different seeds, and the 
 
     .venv/bin/python bench/rollout.py [--batch 8] [--max-new-tokens 64] [--n 1] [--reps 5] [--model default]
 
-With --decode-step, instead: ms per decode step (--batch rows after a --prompt-len token prompt, 100) with each of the loop's
-CPU decode changes on top of the previous (none; W @ x.T linears; the lean LoRA chain; the in-place KV cache),
-alternating, 3 rounds of 20 steps, median.
+With --decode-step, instead: ms per decode step (--batch rows after a --prompt-len token prompt, 100) with
+each of the loop's CPU decode changes on top of the previous (none; W @ x.T linears; the lean LoRA chain;
+the in-place KV cache), alternating, 3 rounds of 20 steps, median.
 """
 
 from __future__ import annotations
