@@ -771,8 +771,8 @@ def _decode_linear(mod, orig, x, *args, **kwargs):
 
 def _decode_lora(mod, orig, x, *args, **kwargs):
     """peft's LoRA Linear forward (one plain adapter: no bias, variant or live dropout), as one column-major
-    product chain: W x + s B (A x), with W x as in _decode_linear. peft's own forward runs about 8 ops and a Python loop per
-    layer; at decode sizes that overhead was a quarter of the step."""
+    product chain: W x + s B (A x), with W x as in _decode_linear. peft's own forward runs about 8 ops and a
+    Python loop per layer; at decode sizes that overhead was a quarter of the step."""
     rows = x.numel() // x.shape[-1]
     active = [a for a in mod.active_adapters if a in mod.lora_A]
     if (args or kwargs or rows > DECODE_ROWS or mod.disable_adapters or mod.merged or len(active) != 1
