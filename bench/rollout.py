@@ -55,17 +55,18 @@ def decode_steps(model, rows: int, prompt_len: int) -> None:
                 "+ lean LoRA": (lambda: models.decode_linears(model), False),
                 "+ in-place cache": (lambda: models.decode_linears(model), True)}
     ids = torch.randint(100, 1000, (rows, prompt_len))
+    kv = models._cache_name(model)
     res = {k: [] for k in variants}
     for _ in range(3):
         for name, (ctx, prealloc) in variants.items():
             with torch.no_grad(), ctx():
-                cache = model(input_ids=ids, use_cache=True).past_key_values
+                cache = model(input_ids=ids, use_cache=True)[kv]
                 if prealloc:
                     models._preallocate(cache, 24)
                 last, attn, ts = ids[:, -1:], torch.ones(rows, prompt_len + 1, dtype=torch.long), []
                 for _ in range(24):
                     t0 = time.perf_counter()
-                    model(input_ids=last, attention_mask=attn, use_cache=True, past_key_values=cache)
+                    model(input_ids=last, attention_mask=attn, use_cache=True, **{kv: cache})
                     ts.append(time.perf_counter() - t0)
                     attn = torch.cat([attn, attn.new_ones(rows, 1)], 1)
                 res[name].append(statistics.median(ts[4:]) * 1000)

@@ -740,10 +740,11 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
     return grouped, lp.masked_fill(ended, 0.0), ent.masked_fill(ended, 0.0)
 
 
-# Decoding on CPU: at a handful of rows, MKL's sgemm reads a (out, in) weight at about half the speed when the
-# weight is its second operand (x @ W.T, what nn.Linear does) than when it is the first (W @ x.T): 1536x576 at 8
-# rows, 412 vs 314 us on the 2-core x86 CI machine (bench/rollout.py has the end-to-end figure). Both compute the
-# same products, summed in another order. Up to this many rows per call; above it the two are level.
+# Decoding on CPU: at a handful of rows, MKL's sgemm reads a (out, in) weight ~1.3x slower when the weight is
+# its second operand (x @ W.T, what nn.Linear does) than when it is the first (W @ x.T): 1536x576 at 8 rows,
+# 412 vs 314 us on the 2-core x86 CI machine (bench/rollout.py has the end-to-end figures). Both compute the
+# same products, summed in another order. Up to this many rows per call; the gain shrinks with the rows, and
+# from 256 on the two are level.
 DECODE_ROWS = 64
 
 
@@ -758,10 +759,16 @@ def _columns(x, rows: int) -> torch.Tensor:
     return x2.T
 
 
+def _plain_call(x, rows: int, *tensors) -> bool:
+    """Whether a call is one the decode forms cover: a few rows, none empty, no autocast, one dtype throughout."""
+    return (0 < rows <= DECODE_ROWS and not torch.is_autocast_enabled(x.device.type)
+            and all(t.dtype == x.dtype for t in tensors if t is not None))
+
+
 def _decode_linear(mod, orig, x, *args, **kwargs):
     """nn.Linear's forward, computed as (W @ x.T).T for a few rows on CPU."""
-    rows = x.numel() // x.shape[-1]
-    if args or kwargs or rows > DECODE_ROWS or x.dtype != mod.weight.dtype:
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    if args or kwargs or not _plain_call(x, rows, mod.weight, mod.bias):
         return orig(x, *args, **kwargs)
     y = mod.weight @ _columns(x, rows)
     if mod.bias is not None:
@@ -772,17 +779,18 @@ def _decode_linear(mod, orig, x, *args, **kwargs):
 def _decode_lora(mod, orig, x, *args, **kwargs):
     """peft's LoRA Linear forward (one plain adapter: no bias, variant or live dropout), as one column-major
     product chain: W x + s B (A x), with W x as in _decode_linear. peft's own forward runs about 8 ops and a
-    Python loop per layer; at decode sizes that overhead was a quarter of the step."""
-    rows = x.numel() // x.shape[-1]
+    Python loop per layer; at decode sizes that overhead was a quarter of the step. The sublayers' own
+    forwards and hooks are not called (instruct registers none)."""
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
     active = [a for a in mod.active_adapters if a in mod.lora_A]
-    if (args or kwargs or rows > DECODE_ROWS or mod.disable_adapters or mod.merged or len(active) != 1
-            or active[0] in mod.lora_variant or (mod.training and mod.lora_dropout[active[0]].p > 0)
-            or mod.lora_A[active[0]].bias is not None or mod.lora_B[active[0]].bias is not None):
+    if args or kwargs or mod.disable_adapters or mod.merged or len(active) != 1 or active[0] in mod.lora_variant:
         return orig(x, *args, **kwargs)
     a = active[0]
-    base, A, B = mod.base_layer, mod.lora_A[a].weight, mod.lora_B[a].weight
-    if A.dtype != x.dtype or base.weight.dtype != x.dtype:
+    base, A, B, drop = mod.base_layer, mod.lora_A[a], mod.lora_B[a], mod.lora_dropout[a]
+    if (A.bias is not None or B.bias is not None or (drop.training and getattr(drop, "p", 0) > 0)
+            or not _plain_call(x, rows, base.weight, base.bias, A.weight, B.weight)):
         return orig(x, *args, **kwargs)
+    A, B = A.weight, B.weight
     xt = _columns(x, rows)
     y = base.weight @ xt
     if base.bias is not None:
@@ -793,9 +801,9 @@ def _decode_lora(mod, orig, x, *args, **kwargs):
 
 @contextlib.contextmanager
 def decode_linears(model):
-    """While decoding on CPU: the model's float nn.Linear layers and peft LoRA Linears (over a float nn.Linear)
-    compute as _decode_linear / _decode_lora for calls of up to DECODE_ROWS rows. Quantized layers, other
-    devices, and other calls keep their own forward."""
+    """While decoding on CPU: the model's float32 nn.Linear layers and peft LoRA Linears (over a float32
+    nn.Linear) compute as _decode_linear / _decode_lora for calls of up to DECODE_ROWS rows. Quantized layers,
+    other devices and dtypes, and other calls keep their own forward."""
     import functools
 
     try:
@@ -803,20 +811,20 @@ def decode_linears(model):
     except ImportError:  # peft is a dependency; keep plain linears fast without it all the same
         LoraLinear = None
     patched = []
-    for mod in model.modules():
-        if LoraLinear is not None and type(mod) is LoraLinear:
-            fast, w = _decode_lora, getattr(mod.base_layer, "weight", None)
-            if type(mod.base_layer) is not torch.nn.Linear:
-                continue
-        elif type(mod) is torch.nn.Linear:
-            fast, w = _decode_linear, mod.weight
-        else:
-            continue
-        if w.device.type != "cpu" or w.dtype != torch.float32 or "forward" in mod.__dict__:
-            continue
-        mod.forward = functools.partial(fast, mod, mod.forward)
-        patched.append(mod)
     try:
+        for mod in model.modules():
+            if LoraLinear is not None and type(mod) is LoraLinear:
+                fast, w = _decode_lora, getattr(mod.base_layer, "weight", None)
+                if type(mod.base_layer) is not torch.nn.Linear:
+                    continue
+            elif type(mod) is torch.nn.Linear:
+                fast, w = _decode_linear, mod.weight
+            else:
+                continue
+            if w.device.type != "cpu" or w.dtype != torch.float32 or "forward" in mod.__dict__:
+                continue
+            mod.forward = functools.partial(fast, mod, mod.forward)
+            patched.append(mod)
         yield
     finally:
         for mod in patched:

@@ -168,9 +168,11 @@ def test_decode_linears_compute_what_the_layers_do_and_are_undone(lm):
     torch.testing.assert_close(got_off, want_off, atol=1e-5, rtol=1e-5)
     assert (want - want_off).abs().max() > 1e-2  # the adapter counts: dropping its term would fail above
     lin = torch.nn.Linear(7, 5)  # with a bias, over a 3-d input; 6 rows (as is) and 9 (padded to 16)
-    for x in (torch.randn(3, 2, 7), torch.randn(3, 3, 7)):
+    for x in (torch.randn(3, 2, 7), torch.randn(3, 3, 7), torch.randn(0, 7)):  # and no rows at all
         with models.decode_linears(lin):
             torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    with models.decode_linears(lin), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: its own forward
+        assert lin(torch.randn(2, 7)).dtype == torch.bfloat16
 
 
 def test_preallocated_cache_appends_like_concatenation(lm):
@@ -211,7 +213,8 @@ def test_preallocated_cache_appends_like_concatenation(lm):
         torch.testing.assert_close(gv, wv)
 
 
-@pytest.mark.parametrize("kind", ["plain", "lora_bias", "dora", "dropout_training", "two_adapters"])
+@pytest.mark.parametrize("kind", ["plain", "plain_training", "lora_bias", "dora", "dropout_training",
+                                  "two_adapters"])
 def test_decode_lora_matches_peft_or_falls_back(kind):
     """LoRA layers the decode form does not cover (a bias on B, DoRA, live dropout, two active adapters) keep
     peft's forward; a plain one takes it. Either way the output is peft's."""
@@ -225,7 +228,7 @@ def test_decode_lora_matches_peft_or_falls_back(kind):
     if kind == "two_adapters":
         m.add_adapter("b", LoraConfig(**cfg))
         m.base_model.set_adapter(["default", "b"])
-    m.train(kind == "dropout_training")
+    m.train(kind.endswith("training"))  # dropout 0 (peft's Identity) in training does not count
     x = torch.randn(5, 12)
     cls = type(m.base_model.model[0])
     calls = []
@@ -245,4 +248,4 @@ def test_decode_lora_matches_peft_or_falls_back(kind):
     finally:
         cls.forward = real
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert len(calls) == (0 if kind == "plain" else 2)  # peft's own forward, once per LoRA layer
+    assert len(calls) == (0 if kind.startswith("plain") else 2)  # peft's own forward, once per LoRA layer
