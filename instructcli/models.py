@@ -847,9 +847,10 @@ def _indexable(cache) -> bool:
 
 def _preallocate(cache, room: int) -> None:
     """Let each plain layer of the cache append its next `room` tokens in place. DynamicLayer.update
-    concatenates, copying the whole cache at every step: 10 % of a decode step at 8 rows and ~110 tokens on CPU,
-    and growing with the length. The layer's keys/values become views of the first n positions of a buffer with
-    `room` more; a layer whose keys were replaced since (_select_rows) gets a new buffer on its next update."""
+    concatenates, copying the whole cache at every step, more as answers grow: 8 rows on CPU after 400 tokens,
+    119 -> 112 ms per decode step (bench/rollout.py --decode-step). The layer's keys/values become views of the
+    first n positions of a buffer with `room` more (_select_rows keeps rows of the buffer itself); a layer
+    whose keys were replaced otherwise gets a new buffer on its next update."""
     import functools
 
     for layer in cache.layers:
@@ -878,7 +879,15 @@ def _select_rows(cache, index) -> None:
     """Keep (or repeat) the cache's batch rows `index`, layer by layer (an _indexable cache)."""
     for layer in cache.layers:
         if getattr(layer, "keys", None) is not None and layer.keys.numel():
-            layer.keys, layer.values = layer.keys[index], layer.values[index]
+            buf = layer.__dict__.get("_instruct_buf")
+            if buf is not None and buf[0].data_ptr() == layer.keys.data_ptr():
+                # a _preallocate buffer: select in it, so the old one is freed layer by layer (selecting only
+                # the keys would hold every layer's old buffer until its next append, up to twice the cache)
+                n = layer.keys.shape[-2]
+                layer._instruct_buf = buf = (buf[0][index], buf[1][index])
+                layer.keys, layer.values = buf[0][..., :n, :], buf[1][..., :n, :]
+            else:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
 
 
 def sample_batches(model, tok, queries: list[list[int]], n: int, temperature: float, top_p: float,
