@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import click
 import typer
 
-from instructcli import __version__
+from instructcli import __version__, config as C
 from instructcli.errors import InstructError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -88,15 +88,11 @@ OverflowOpt = Annotated[str, typer.Option(help="Longer examples: truncate | drop
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output dir.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")]
 
-def _check(name: str, value, choices) -> None:
-    if value not in choices:
-        raise InstructError(f"--{name}: expected one of {' | '.join(choices)}, got {value!r}", 2)
+_check = C.check_choice
 
 
 def _build(cls, params: dict):
     """Fill a config dataclass (and its nested ModelConfig/TrainConfig) from the command's parameters."""
-    from instructcli import config as C
-
     kw = {}
     nested = {"ModelConfig": C.ModelConfig, "TrainConfig": C.TrainConfig}
     for f in fields(cls):
@@ -132,8 +128,8 @@ def _sampling_checks(temperature: float, top_p: float, **positive) -> None:
 
 
 def _model_checks(p: dict) -> None:
-    _check("quant", p["quant"], ("none", "8bit", "4bit"))
-    _check("dtype", p["dtype"], ("auto", "float32", "bfloat16", "float16"))
+    _check("quant", p["quant"], C.QUANTS)
+    _check("dtype", p["dtype"], C.DTYPES)
     if p.get("full") and p["quant"] != "none":
         raise InstructError("--full needs --quant none (quantized weights cannot be trained)", 2)
     _positive(lora_r=p["lora_r"], lora_alpha=p["lora_alpha"])
@@ -181,14 +177,14 @@ def sft(
 ):
     p = dict(ctx.params)
     _model_checks(p)
-    _check("schedule", schedule, ("cosine", "linear", "constant"))
-    _check("overflow", overflow, ("truncate", "drop", "error"))
+    _check("schedule", schedule, C.SCHEDULES)
+    _check("overflow", overflow, C.OVERFLOWS)
     _positive(batch_size=batch_size, grad_accum=grad_accum, max_len=max_len, epochs=epochs, lr=lr)
     if not 0 <= eval_frac < 1:
         raise InstructError(f"--eval-frac: must be in [0, 1), got {eval_frac}", 2)
     if print_config:
         return _print_config(ctx, p)
-    from instructcli import config as C, sft as stage
+    from instructcli import sft as stage
 
     _result(stage.train(_build(C.SFTConfig, p)))
 
@@ -243,14 +239,14 @@ def rm(
     p["model"] = from_dir or model
     p["full"] = False
     _model_checks(p)
-    _check("schedule", schedule, ("cosine", "linear", "constant"))
-    _check("overflow", overflow, ("truncate", "drop", "error"))
+    _check("schedule", schedule, C.SCHEDULES)
+    _check("overflow", overflow, C.OVERFLOWS)
     _positive(batch_size=batch_size, grad_accum=grad_accum, max_len=max_len, epochs=epochs, lr=lr)
     if not 0 <= eval_frac < 1:
         raise InstructError(f"--eval-frac: must be in [0, 1), got {eval_frac}", 2)
     if print_config:
         return _print_config(ctx, dict(ctx.params))
-    from instructcli import config as C, rm as stage
+    from instructcli import rm as stage
 
     _result(stage.train(_build(C.RMConfig, p)))
 
@@ -267,9 +263,9 @@ def score(
     skip_invalid: SkipOpt = False,
     quiet: QuietOpt = False,
 ):
-    _check("quant", quant, ("none", "8bit", "4bit"))
+    _check("quant", quant, C.QUANTS)
     _positive(batch_size=batch_size, max_len=max_len)
-    from instructcli import config as C, rm as stage
+    from instructcli import rm as stage
 
     n = stage.score(C.ScoreConfig(reward=reward, samples=samples, out=out, quant=quant, dtype=dtype,
                                   batch_size=batch_size, max_len=max_len, skip_invalid=skip_invalid, quiet=quiet))
@@ -291,7 +287,7 @@ def label(
     seed: SeedOpt = 0,
     quant: QuantOpt = "none",
 ):
-    _check("quant", quant, ("none", "8bit", "4bit"))
+    _check("quant", quant, C.QUANTS)
     if not 0 <= noise <= 1:
         raise InstructError(f"--noise: must be in [0, 1], got {noise}", 2)
     from instructcli import console, judge as judges, label as stage
@@ -364,10 +360,10 @@ def ppo(
               ppo_epochs=ppo_epochs, lr=lr, max_new_tokens=max_new_tokens, temperature=temperature)
     if kl < 0 or ptx_coef < 0:
         raise InstructError("--kl and --ptx-coef must be >= 0", 2)
-    _check("old-logprobs", old_logprobs, ("auto", "rollout", "recompute"))
+    _check("old-logprobs", old_logprobs, C.OLD_LOGPROBS)
     if print_config:
         return _print_config(ctx, dict(ctx.params))
-    from instructcli import config as C, ppo as stage
+    from instructcli import ppo as stage
 
     _result(stage.train(_build(C.PPOConfig, p)))
 
@@ -395,13 +391,13 @@ def sample(
     print_config: PrintConfigOpt = False,
 ):
     p = dict(ctx.params)
-    _check("quant", quant, ("none", "8bit", "4bit"))
-    _check("dtype", dtype, ("auto", "float32", "bfloat16", "float16"))
+    _check("quant", quant, C.QUANTS)
+    _check("dtype", dtype, C.DTYPES)
     _sampling_checks(temperature, top_p, n=n, max_new_tokens=max_new_tokens, batch_size=batch_size,
                      max_prompt_len=max_prompt_len)
     if print_config:
         return _print_config(ctx, p)
-    from instructcli import config as C, sample as stage
+    from instructcli import sample as stage
 
     cfg = C.SampleConfig(prompts=prompts, out=out, n=n, temperature=temperature, top_p=top_p,
                          max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len, batch_size=batch_size,
@@ -459,13 +455,13 @@ def eval_(
     config: ConfigOpt = None,
     print_config: PrintConfigOpt = False,
 ):
-    _check("quant", quant, ("none", "8bit", "4bit"))
-    _check("dtype", dtype, ("auto", "float32", "bfloat16", "float16"))
+    _check("quant", quant, C.QUANTS)
+    _check("dtype", dtype, C.DTYPES)
     _sampling_checks(temperature, top_p, n=n, max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len,
                      max_len=max_len, batch_size=batch_size, bootstrap=bootstrap)
     if print_config:
         return _print_config(ctx, dict(ctx.params))
-    from instructcli import config as C, evaluate as stage
+    from instructcli import evaluate as stage
 
     out = out or str(Path("evals") / (Path(model.rstrip("/")).name.removesuffix(".gguf") or "default"))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -508,13 +504,13 @@ def compare(
     config: ConfigOpt = None,
     print_config: PrintConfigOpt = False,
 ):
-    _check("quant", quant, ("none", "8bit", "4bit"))
-    _check("dtype", dtype, ("auto", "float32", "bfloat16", "float16"))
+    _check("quant", quant, C.QUANTS)
+    _check("dtype", dtype, C.DTYPES)
     _sampling_checks(temperature, top_p, max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len,
                      batch_size=batch_size, bootstrap=bootstrap)
     if print_config:
         return _print_config(ctx, dict(ctx.params))
-    from instructcli import config as C, evaluate as stage
+    from instructcli import evaluate as stage
 
     cfg = C.CompareConfig(items=tuple(items), judge=judge, out=out, prompts=prompts, quant=quant, dtype=dtype,
                           temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,

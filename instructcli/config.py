@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from instructcli.errors import InstructError
+
 QUANTS = ("none", "8bit", "4bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OVERFLOWS = ("truncate", "drop", "error")
 SCHEDULES = ("cosine", "linear", "constant")
+OLD_LOGPROBS = ("auto", "rollout", "recompute")
+
+
+def check_choice(flag: str, value, choices) -> None:
+    """The one-line error (exit 2) for a value outside a flag's choices, from the CLI or a config built in Python."""
+    if value not in choices:
+        raise InstructError(f"--{flag}: expected one of {' | '.join(choices)}, got {value!r}", 2)
 
 
 @dataclass(frozen=True)

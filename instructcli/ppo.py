@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from instructcli import console, data, judge, models, parallel, rlhf
-from instructcli.config import PPOConfig, to_dict
+from instructcli.config import OLD_LOGPROBS, PPOConfig, check_choice, to_dict
 from instructcli.errors import InstructError
 from instructcli.models import POLICY, REWARD, VALUE
 
@@ -25,8 +25,7 @@ def train(cfg: PPOConfig) -> Path:
     console.set_quiet(cfg.quiet)
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise InstructError("--ptx-coef > 0 needs --ptx-data (pretraining rows); --ptx-coef 0 is plain PPO", 2)
-    if cfg.old_logprobs not in ("auto", "rollout", "recompute"):
-        raise InstructError(f"--old-logprobs: expected one of auto | rollout | recompute, got {cfg.old_logprobs!r}", 2)
+    check_choice("old-logprobs", cfg.old_logprobs, OLD_LOGPROBS)
     if cfg.rollout_batch_size % cfg.mini_batch_size:
         raise InstructError("--rollout-batch-size must be a multiple of --mini-batch-size", 2)
     run = models.RunDir(cfg.out, cfg.overwrite, cfg.resume)
