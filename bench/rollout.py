@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import statistics
 import time
 
@@ -38,20 +37,8 @@ def plain_generate(model, tok, prompts, n, temperature, top_p, max_new, device):
 
 
 def decode_steps(model, rows: int, prompt_len: int) -> None:
-    @contextlib.contextmanager
-    def plain_linears_only():  # the W @ x.T form for nn.Linear (LoRA's base, A and B too); peft's LoRA forward
-        done = []
-        for mod in model.modules():
-            if type(mod) is torch.nn.Linear:
-                mod.forward = functools.partial(models._decode_linear, mod, mod.forward)
-                done.append(mod)
-        try:
-            yield
-        finally:
-            for mod in done:
-                del mod.forward
-
-    variants = {"none": (contextlib.nullcontext, False), "W @ x.T": (plain_linears_only, False),
+    variants = {"none": (contextlib.nullcontext, False),
+                "W @ x.T": (lambda: models.decode_linears(model, lora=False), False),
                 "+ lean LoRA": (lambda: models.decode_linears(model), False),
                 "+ in-place cache": (lambda: models.decode_linears(model), True)}
     ids = torch.randint(100, 1000, (rows, prompt_len))

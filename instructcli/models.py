@@ -765,15 +765,24 @@ def _plain_call(x, rows: int, *tensors) -> bool:
             and all(t.dtype == x.dtype for t in tensors if t is not None))
 
 
+def _decode_product(x, rows: int, weight, bias, lora=None) -> torch.Tensor:
+    """x W^T + b (+ s (x A^T) B^T with lora = (A, B, s)), computed column-major: W x, then B (A x) added."""
+    xt = _columns(x, rows)
+    y = weight @ xt
+    if bias is not None:
+        y = y + bias[:, None]
+    if lora is not None:
+        A, B, scale = lora
+        y = y.addmm_(B, A @ xt, alpha=scale)
+    return y[:, :rows].T.contiguous().view(*x.shape[:-1], -1)
+
+
 def _decode_linear(mod, orig, x, *args, **kwargs):
     """nn.Linear's forward, computed as (W @ x.T).T for a few rows on CPU."""
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
     if args or kwargs or not _plain_call(x, rows, mod.weight, mod.bias):
         return orig(x, *args, **kwargs)
-    y = mod.weight @ _columns(x, rows)
-    if mod.bias is not None:
-        y = y + mod.bias[:, None]
-    return y[:, :rows].T.contiguous().view(*x.shape[:-1], -1)
+    return _decode_product(x, rows, mod.weight, mod.bias)
 
 
 def _decode_lora(mod, orig, x, *args, **kwargs):
@@ -790,33 +799,26 @@ def _decode_lora(mod, orig, x, *args, **kwargs):
     if (A.bias is not None or B.bias is not None or (drop.training and getattr(drop, "p", 0) > 0)
             or not _plain_call(x, rows, base.weight, base.bias, A.weight, B.weight)):
         return orig(x, *args, **kwargs)
-    A, B = A.weight, B.weight
-    xt = _columns(x, rows)
-    y = base.weight @ xt
-    if base.bias is not None:
-        y = y + base.bias[:, None]
-    y = y.addmm_(B, A @ xt, alpha=mod.scaling[a])
-    return y[:, :rows].T.contiguous().view(*x.shape[:-1], -1)
+    return _decode_product(x, rows, base.weight, base.bias, (A.weight, B.weight, mod.scaling[a]))
 
 
 @contextlib.contextmanager
-def decode_linears(model):
+def decode_linears(model, lora: bool = True):
     """While decoding on CPU: the model's float32 nn.Linear layers and peft LoRA Linears (over a float32
     nn.Linear) compute as _decode_linear / _decode_lora for calls of up to DECODE_ROWS rows. Quantized layers,
-    other devices and dtypes, and other calls keep their own forward."""
+    other devices and dtypes, and other calls keep their own forward. lora=False leaves LoRA layers to peft
+    (whose base and adapter linears still take the decode form): bench/rollout.py's breakdown."""
     import functools
 
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:  # peft is a dependency; keep plain linears fast without it all the same
-        LoraLinear = None
+    from peft.tuners.lora import Linear as LoraLinear
+
     patched = []
     try:
         for mod in model.modules():
-            if LoraLinear is not None and type(mod) is LoraLinear:
-                fast, w = _decode_lora, getattr(mod.base_layer, "weight", None)
+            if lora and type(mod) is LoraLinear:
                 if type(mod.base_layer) is not torch.nn.Linear:
                     continue
+                fast, w = _decode_lora, mod.base_layer.weight
             elif type(mod) is torch.nn.Linear:
                 fast, w = _decode_linear, mod.weight
             else:
@@ -865,8 +867,7 @@ def _append_in_place(layer, room, key_states, value_states, *args, **kwargs):
     n, m = k.shape[-2], key_states.shape[-2]
     buf = layer.__dict__.get("_instruct_buf")
     if buf is None or buf[0].data_ptr() != k.data_ptr() or buf[0].shape[0] != k.shape[0] or buf[0].shape[-2] < n + m:
-        # rows were dropped (keys replaced): the old capacity still covers the generation's end
-        cap = buf[0].shape[-2] if buf is not None and buf[0].shape[-2] >= n + m else n + max(room, m)
+        cap = n + max(room, m)  # the first append, a full buffer, or keys replaced by other code
         buf = tuple(t.new_empty(*t.shape[:-2], cap, t.shape[-1]) for t in (k, v))
         buf[0][..., :n, :], buf[1][..., :n, :] = k, v
         layer._instruct_buf = buf

@@ -163,6 +163,10 @@ def test_decode_linears_compute_what_the_layers_do_and_are_undone(lm):
             got = m(input_ids=ids).logits
             with m.disable_adapter():
                 got_off = m(input_ids=ids).logits
+        with models.decode_linears(m, lora=False):  # peft's LoRA forward over decode-form linears
+            assert not any("forward" in x.__dict__ for x in lora)
+            assert all("forward" in x.base_layer.__dict__ for x in lora)
+            torch.testing.assert_close(m(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
     assert not any("forward" in x.__dict__ for x in m.modules())
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_off, want_off, atol=1e-5, rtol=1e-5)
