@@ -123,8 +123,7 @@ def _print_config(ctx: click.Context, params: dict) -> None:
 
 def _sampling_checks(temperature: float, top_p: float, **positive) -> None:
     _positive(**positive)
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise InstructError("--temperature must be >= 0 and --top-p in (0, 1]", 2)
+    C.check_sampling(temperature, top_p)
 
 
 def _model_checks(p: dict) -> None:
@@ -226,6 +225,9 @@ def rm(
     overflow: OverflowOpt = "truncate",
     norm_data: Annotated[str, typer.Option(help="Demonstrations JSONL that should score 0 on average "
                                            "(default: the best-ranked training responses).")] = "",
+    pool: Annotated[str, typer.Option(help="What the score head reads: last (the end-of-turn token's hidden "
+                                      "state) or mean (that and the mean over the response's tokens).")] = "last",
+    head_lr: Annotated[float, typer.Option(help="Learning rate of the score head (0 = --lr).")] = 0.0,
     skip_invalid: SkipOpt = False,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
@@ -234,6 +236,7 @@ def rm(
     print_config: PrintConfigOpt = False,
 ):
     p = dict(ctx.params)
+    _check("pool", pool, C.POOLS)
     if from_dir and model != "default":
         raise InstructError("give --from (an sft run dir) or --model, not both", 2)
     p["model"] = from_dir or model
@@ -357,7 +360,8 @@ def ppo(
     p["full"], p["model"] = False, policy
     _model_checks(p)
     _positive(steps=steps, rollout_batch_size=rollout_batch_size, mini_batch_size=mini_batch_size,
-              ppo_epochs=ppo_epochs, lr=lr, max_new_tokens=max_new_tokens, temperature=temperature)
+              ppo_epochs=ppo_epochs, lr=lr, max_new_tokens=max_new_tokens)
+    C.check_sampling(temperature, top_p, zero_ok=False)
     if kl < 0 or ptx_coef < 0:
         raise InstructError("--kl and --ptx-coef must be >= 0", 2)
     _check("old-logprobs", old_logprobs, C.OLD_LOGPROBS)

@@ -11,12 +11,20 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 OVERFLOWS = ("truncate", "drop", "error")
 SCHEDULES = ("cosine", "linear", "constant")
 OLD_LOGPROBS = ("auto", "rollout", "recompute")
+POOLS = ("last", "mean")  # what the reward model's head reads (models.score_features)
 
 
 def check_choice(flag: str, value, choices) -> None:
     """The one-line error (exit 2) for a value outside a flag's choices, from the CLI or a config built in Python."""
     if value not in choices:
         raise InstructError(f"--{flag}: expected one of {' | '.join(choices)}, got {value!r}", 2)
+
+
+def check_sampling(temperature: float, top_p: float, zero_ok: bool = True) -> None:
+    """Sampling settings that yield a distribution (top-p 0 keeps no token: NaN probabilities)."""
+    if temperature < 0 or (temperature == 0 and not zero_ok) or not 0 < top_p <= 1:
+        raise InstructError(f"--temperature must be {'>=' if zero_ok else '>'} 0 and --top-p in (0, 1], got "
+                            f"{temperature} and {top_p}", 2)
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,8 @@ class RMConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, batch_size=4, epochs=1.0,
                                                                    eval_frac=0.1, eval_every=20))
     norm_data: str = ""  # demonstrations scored 0 on average; "" = the best-ranked responses of the training set
+    pool: str = "last"  # the head reads: last = the end-of-turn token's hidden state; mean = that and the response's mean
+    head_lr: float = 0.0  # the score head's learning rate; 0 = --lr
     max_len: int = 512
     overflow: str = "truncate"
     skip_invalid: bool = False
@@ -88,7 +98,8 @@ class PPOConfig:
     reward: str  # rm run dir trained --from the same sft run, or path/rule.py:function
     prompts: str
     out: str
-    model: ModelConfig = field(default_factory=ModelConfig)  # quant, dtype and LoRA shape of the policy/value
+    # quant, dtype and LoRA shape of the policy/value; no dropout: old and new log-probs come from one function
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(lora_dropout=0.0))
     ptx_data: str = ""  # pretraining rows for PPO-ptx
     ptx_coef: float = 27.8  # gamma; 0 = plain PPO
     ptx_batch_size: int = 4

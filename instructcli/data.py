@@ -31,6 +31,7 @@ class Comparison:
     messages: list[dict]  # the context, ends on a user turn
     responses: list[str]  # K >= 2
     ranks: list[int]  # 1 = best; equal ranks are ties
+    ended: list[bool] | None = None  # per response: False = cut off at the token cap (no end-of-turn); None = all ended
 
     @property
     def prompt(self) -> str:
@@ -184,9 +185,19 @@ def parse_comparison(row: dict) -> Comparison:
                 raise _Bad(f"ranks[{i}]", f"expected an integer >= 1, got {json.dumps(r)}")
         if len(set(ranks)) < 2:
             raise _Bad("ranks", "all responses are tied: nothing to learn from")
-        return Comparison(msgs, responses, list(ranks))
+        return Comparison(msgs, responses, list(ranks), _ended(row, len(responses)))
     chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
     return Comparison(msgs, [chosen, rejected], [1, 2])
+
+
+def _ended(row: dict, k: int) -> list[bool] | None:
+    """The optional `ended` list that `instruct sample` writes: which responses ended on their own."""
+    if "ended" not in row:
+        return None
+    v = row["ended"]
+    if not isinstance(v, list) or len(v) != k or not all(isinstance(x, bool) for x in v):
+        raise _Bad("ended", f"expected an array of {k} booleans (one per response), got {json.dumps(v)[:60]}")
+    return list(v)
 
 
 def parse_prompt(row: dict, index: int) -> Prompt:
@@ -229,6 +240,7 @@ def parse_sample(row: dict, index: int) -> Sample:
     rid = row.get("id", index)
     if not isinstance(rid, (str, int)) or isinstance(rid, bool):
         raise _Bad("id", f"expected a string or integer, got {_type_name(rid)}")
+    _ended(row, len(responses))
     return Sample(str(rid), prompt, responses, model, msgs, {k: v for k, v in row.items() if k not in known})
 
 
@@ -363,13 +375,46 @@ def _consumed(chunks: list[tuple[str, bool]]) -> str:
     return "".join(t for t, _ in chunks)
 
 
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with (`<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`, ...), found by rendering one; None when the template closes turns with plain text."""
+    if not getattr(tokenizer, "chat_template", None):  # no template: nothing but EOS ends an answer
+        return None
+    if not hasattr(tokenizer, "_instruct_eot"):
+        mark = "@@instruct-mark@@"
+        text = render_chat(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}],
+                           add_generation_prompt=False)
+        after = _ids(tokenizer, text[text.rfind(mark) + len(mark):]) if mark in text else []
+        special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+        tokenizer._instruct_eot = after[0] if after and after[0] in special else None
+    return tokenizer._instruct_eot
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """What ends a generated answer: EOS and the template's end-of-turn token (they differ for many chat
+    models, whose answers would otherwise all run to the token cap)."""
+    return sorted({t for t in (tokenizer.eos_token_id, end_of_turn_id(tokenizer)) if t is not None})
+
+
+def ended(tokenizer, ids: list[int]) -> bool:
+    """Whether a generated answer ended on its own (on a stop token) rather than at the token cap."""
+    return bool(ids) and ids[-1] in stop_token_ids(tokenizer)
+
+
 def encode_responses(tokenizer, messages: list[dict], responses: list[str], max_len: int, overflow: str,
-                     stats: OverflowStats, where: str) -> list[list[int]] | None:
+                     stats: OverflowStats, where: str, ended: list[bool] | None = None) -> list[list[int]] | None:
     """Token ids of each full conversation (context + one response), as a reward model reads it; None if
-    --overflow drop drops one of them (a ranking is kept whole or not at all)."""
-    out = []
-    for r in responses:
+    --overflow drop drops one of them (a ranking is kept whole or not at all).
+
+    The conversation stops at the response's end-of-turn token, where the score is read (what the template
+    renders after it is not part of the answer); a response that did not end (`ended` False: cut off at the
+    token cap) has no end-of-turn token, so the reward model sees that it was cut off, as in PPO's rollouts."""
+    eot, out = end_of_turn_id(tokenizer), []
+    for i, r in enumerate(responses):
         ids, _ = encode_demonstration(tokenizer, messages + [{"role": "assistant", "content": r}])
+        if eot is not None and eot in ids:
+            last = len(ids) - 1 - ids[::-1].index(eot)
+            ids = ids[:last + 1] if ended is None or ended[i] else ids[:last]
         fitted = fit_length(ids, None, max_len, overflow, stats, where)
         if fitted is None:
             return None

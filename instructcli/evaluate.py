@@ -215,7 +215,7 @@ def run(cfg: EvalConfig) -> dict:
             row = {"id": p.id, "prompt": p.prompt, "responses": [tok.decode(s, skip_special_tokens=True).strip()
                                                                  for s in o],
                    "model": mc.model, "lengths": [len(s) for s in o],
-                   "ended": [bool(s) and s[-1] == tok.eos_token_id for s in o]}
+                   "ended": [data.ended(tok, s) for s in o]}
             if kls is not None:
                 row["kl"] = kls[k]
             if len(p.messages) > 1:
@@ -304,7 +304,8 @@ def run(cfg: EvalConfig) -> dict:
         with console.Bar(len(rows["answers"]), "eval: reward") as bar:
             for r in rows["answers"]:
                 msgs = r.get("messages") or [{"role": "user", "content": r["prompt"]}]
-                r["scores"] = models.reward_scores(rm, rm_tok, msgs, r["responses"], batch_size=cfg.batch_size)
+                r["scores"] = models.reward_scores(rm, rm_tok, msgs, r["responses"], batch_size=cfg.batch_size,
+                                                   ended=r["ended"])
                 bar.update(1)
         per_prompt = [sum(r["scores"]) / len(r["scores"]) for r in rows["answers"]]
         flat = [s for r in rows["answers"] for s in r["scores"]]

@@ -42,7 +42,8 @@ def make_judge(spec: str, quant: str = "none", log=None) -> Judge:
         rm, tok, _ = models.load_reward_model(spec[3:], ModelConfig(quant=quant), models.pick_device(), log)
 
         def by_rm(s: data.Sample) -> list[float]:
-            return models.reward_scores(rm, tok, s.messages or [{"role": "user", "content": s.prompt}], s.responses)
+            return models.reward_scores(rm, tok, s.messages or [{"role": "user", "content": s.prompt}], s.responses,
+                                        ended=s.extra.get("ended"))
 
         return by_rm
     rule = load_rule(spec)

@@ -206,6 +206,8 @@ def _skipped_ids(path: str) -> set[str]:
 
 def _row(sample: data.Sample, ranks: list[int]) -> dict:
     row = {"prompt": sample.prompt, "responses": list(sample.responses), "ranks": ranks, "id": sample.id}
+    if "ended" in sample.extra:  # so the reward model sees which answers were cut off, as PPO's scores do
+        row["ended"] = sample.extra["ended"]
     if sample.messages:
         row["messages"] = sample.messages
     return row

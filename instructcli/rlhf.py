@@ -179,6 +179,20 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, {"vf_clipfrac": masked_mean((l2 > l1).float(), mask).item()}
 
 
+def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over the N positions of KL(p_ref || p) between (N, V) next-token logits: PPO-ptx's pretraining
+    term. It is the LM loss on text drawn from the reference model, minus that text's entropy
+    (E_{x~p_ref}[-log p(x)] = KL(p_ref || p) + H(p_ref)), so it is 0, with a zero gradient, while the policy
+    predicts the pretraining text as the SFT model does, and grows only as it drifts."""
+    logp, ref_logp = F.log_softmax(logits.float(), -1), F.log_softmax(ref_logits.float(), -1)
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
+
+
+def clip_grad_norms(groups: list[list[torch.Tensor]], max_norm: float) -> list[float]:
+    """Clip each group of parameters' gradient to max_norm on its own; returns each group's norm before."""
+    return [torch.nn.utils.clip_grad_norm_(g, max_norm).item() if g else 0.0 for g in groups]
+
+
 class AdaptiveKLController:
     """Ziegler et al. (2019): move kl_coef toward a target KL, proportional error clipped to +-20 %."""
 

@@ -10,17 +10,20 @@ from pathlib import Path
 import torch
 
 from instructcli import console, data, models, parallel, rlhf
-from instructcli.config import ModelConfig, RMConfig, to_dict
+from instructcli.config import POOLS, ModelConfig, RMConfig, check_choice, to_dict
 from instructcli.errors import InstructError
 
 MAX_BAD_STEPS = 5
 
 
-def forward_groups(model, groups: list[list[list[int]]], pad_id: int, device: str) -> list[torch.Tensor]:
-    """Score every response of every group in one right-padded forward; returns one (K,) tensor per group."""
+def forward_groups(model, groups: list[list[list[int]]], starts: list[int], pad_id: int,
+                   device: str) -> list[torch.Tensor]:
+    """Score every response of every group (its responses begin at starts[g]) in one right-padded forward;
+    returns one (K,) tensor per group."""
     flat = [ids for g in groups for ids in g]
     batch = data.collate_sequences(flat, pad_id)
-    scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    first = torch.tensor([s for g, s in zip(groups, starts) for _ in g], device=device)
+    scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), first)
     return list(scores.split([len(g) for g in groups]))
 
 
@@ -44,28 +47,35 @@ def train(cfg: RMConfig) -> Path:
     stats, examples = data.OverflowStats(), []
     for i, rec in enumerate(rows.records):
         enc = data.encode_responses(tok, rec.messages, rec.responses, cfg.max_len, cfg.overflow, stats,
-                               f"{rows.path}: row {i + 1}")
-        if enc is not None:
-            examples.append((enc, rec.ranks))
+                                    f"{rows.path}: row {i + 1}", rec.ended)
+        if enc is not None:  # (responses' ids, ranks, where the responses begin)
+            examples.append((enc, rec.ranks, len(data.encode_prompt(tok, rec.messages))))
     if not examples:
         raise InstructError(f"{rows.path}: every comparison was dropped by --max-len {cfg.max_len}", 2)
     train_idx, eval_idx = data.split(len(examples), t.eval_frac, t.seed)
     train_set, eval_set = [examples[i] for i in train_idx], [examples[i] for i in eval_idx]
-    if norm_rows:
-        reference = [data.encode_demonstration(tok, r.messages)[0][:cfg.max_len] for r in norm_rows.records]
+    if norm_rows:  # (ids, where the response begins)
+        reference = [(data.encode_responses(tok, r.messages[:-1], [r.messages[-1]["content"]], cfg.max_len,
+                                            "truncate", data.OverflowStats(), "")[0],
+                      len(data.encode_prompt(tok, r.messages[:-1]))) for r in norm_rows.records]
     else:  # the best-ranked response of every training comparison
-        reference = [enc[ranks.index(min(ranks))] for enc, ranks in train_set]
-    n_pairs = sum(sum(a < b for a in r for b in r) for _, r in train_set)
+        reference = [(enc[ranks.index(min(ranks))], start) for enc, ranks, start in train_set]
+    n_pairs = sum(sum(a < b for a in r for b in r) for _, r, _ in train_set)
     console.log(f"data: {rows.rows} comparisons ({rows.skipped} invalid skipped), K = "
-                f"{min(len(r) for _, r in examples)}..{max(len(r) for _, r in examples)}, {n_pairs} ranked pairs "
+                f"{min(len(e[1]) for e in examples)}..{max(len(e[1]) for e in examples)}, {n_pairs} ranked pairs "
                 f"in training; {stats.summary()}")
 
     # 2. model: base (with --from merged in) + LoRA + scalar head
     models.seed_everything(t.seed)
     device = models.pick_device()
-    model = models.new_reward_model(source.as_base(), mc, device)
+    check_choice("pool", cfg.pool, POOLS)
+    model = models.new_reward_model(source.as_base(), mc, device, cfg.pool)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    # the head starts random and must move far in few steps, the adapter only a little: its own learning rate
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if all(p is not q for q in head)]},
+                                   {"params": head, "lr": cfg.head_lr or t.lr}], lr=t.lr,
+                                  weight_decay=t.weight_decay)
     per_step = t.batch_size * t.grad_accum * parallel.world  # --batch-size is per process
     total = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(len(train_set) / per_step)))
     warmup = int(t.warmup * total)
@@ -92,8 +102,8 @@ def train(cfg: RMConfig) -> Path:
             mine = parallel.strided(eval_set)
             for b in range(0, len(mine), t.batch_size):
                 chunk = mine[b:b + t.batch_size]
-                rewards, ranks = padded(forward_groups(model, [e[0] for e in chunk], tok.pad_token_id, device),
-                                        [e[1] for e in chunk])
+                rewards, ranks = padded(forward_groups(model, [e[0] for e in chunk], [e[2] for e in chunk],
+                                                       tok.pad_token_id, device), [e[1] for e in chunk])
                 loss, acc, n = rlhf.ranking_loss(rewards, ranks)
                 losses.append(loss.item() * len(chunk))
                 correct, pairs = correct + acc.item() * n.item(), pairs + n.item()
@@ -112,16 +122,18 @@ def train(cfg: RMConfig) -> Path:
         for step in range(start, total):
             def micro_step(chunk, share):  # the step's loss is the mean over its prompts (of all processes)
                 share /= parallel.world
-                groups = forward_groups(model, [e[0] for e in chunk], tok.pad_token_id, device)
+                groups = forward_groups(model, [e[0] for e in chunk], [e[2] for e in chunk], tok.pad_token_id, device)
                 rewards, ranks = padded(groups, [e[1] for e in chunk])
-                loss, acc, _ = rlhf.ranking_loss(rewards, ranks)
+                loss, acc, n = rlhf.ranking_loss(rewards, ranks)
                 (loss * share).backward()
-                return loss.item() * share, acc.item() * share
+                return loss.item() * share, acc.item() * n.item(), n.item()
 
             # this process's share of the step; gradients, loss and accuracy are then summed over processes
             examples = [train_set[order[step * per_step + i]] for i in range(per_step)]
             parts = micro.run(step + 1, parallel.shard(examples), micro_step, optimizer)
-            step_loss, step_acc = parallel.sum_(sum(p[0] for p in parts), sum(p[1] for p in parts))
+            # accuracy over the step's pairs, whichever process or micro-batch they fell in
+            step_loss, correct, pairs = parallel.sum_(*(sum(p[i] for p in parts) for i in range(3)))
+            step_acc = correct / max(pairs, 1)
             parallel.sync_grads(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
             if not guard.ok(step + 1, step_loss, grad_norm, optimizer):
@@ -158,8 +170,12 @@ def train(cfg: RMConfig) -> Path:
     model.eval()
     with torch.no_grad():
         mine = parallel.strided(reference)
-        mine_scores = [s for b in range(0, len(mine), 16)
-                       for s in forward_groups(model, [mine[b:b + 16]], tok.pad_token_id, device)[0].tolist()]
+        mine_scores = []
+        for b in range(0, len(mine), 16):
+            chunk = mine[b:b + 16]
+            groups = forward_groups(model, [[ids] for ids, _ in chunk], [s for _, s in chunk], tok.pad_token_id,
+                                    device)
+            mine_scores += [g.item() for g in groups]
         ref_scores = torch.tensor(parallel.gather(mine_scores))
     model.bias = ref_scores.mean().item()
     final = {k: last[k] for k in ("step", "loss", "accuracy", "eval_loss", "eval_accuracy") if k in last}
@@ -189,7 +205,7 @@ def score(cfg) -> int:
     with data.JsonlWriter(cfg.out) as out, console.Bar(len(samples.records), "score") as bar:
         for s in samples.records:
             scores = models.reward_scores(model, tok, s.messages or [{"role": "user", "content": s.prompt}],
-                                          s.responses, cfg.max_len, cfg.batch_size)
+                                          s.responses, cfg.max_len, cfg.batch_size, s.extra.get("ended"))
             row = {"id": s.id, "prompt": s.prompt, "responses": s.responses, "model": s.model, **s.extra,
                    "scores": scores}
             if s.messages:

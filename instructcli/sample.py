@@ -25,6 +25,7 @@ def run(cfg: SampleConfig) -> int:
             for p, seqs in zip(rows[b:b + cfg.batch_size], outs):
                 row = {"id": p.id, "prompt": p.prompt,
                        "responses": [tok.decode(s, skip_special_tokens=True).strip() for s in seqs],
+                       "ended": [data.ended(tok, s) for s in seqs],  # False: cut off at --max-new-tokens
                        "model": mc.model}
                 if len(p.messages) > 1:
                     row["messages"] = p.messages

@@ -46,14 +46,14 @@ def build_tokenizer(path: Path, vocab_size: int = 384):
     return tok
 
 
-def build_tiny_model(path: Path, seed: int = 0, layers: int = 2, hidden: int = 16):
+def build_tiny_model(path: Path, seed: int = 0, layers: int = 2, hidden: int = 16, heads: int = 2):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer(path)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=1,
                       max_position_embeddings=1024, tie_word_embeddings=False,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(path)
@@ -63,6 +63,13 @@ def build_tiny_model(path: Path, seed: int = 0, layers: int = 2, hidden: int = 1
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def wide_dir(tmp_path_factory) -> Path:
+    """64 wide (head dim 32, k/v projections 32): every linear layer fits bitsandbytes' 4-bit kernels on any
+    CPU, the AVX512-BF16 packed one included (out widths in multiples of 32, in widths of 64)."""
+    return build_tiny_model(tmp_path_factory.mktemp("wide") / "model", hidden=64)
 
 
 @pytest.fixture(autouse=True)

@@ -256,3 +256,25 @@ def test_decode_lora_matches_peft_or_falls_back(kind):
         cls.forward = real
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert len(calls) == (0 if kind.startswith("plain") else 2)  # peft's own forward, once per LoRA layer
+
+
+def test_answers_stop_at_the_templates_end_of_turn_when_it_is_not_eos(lm, tiny_dir, tmp_path):
+    """A chat model whose template closes turns with a token other than EOS: answers stop there too, and the
+    SFT labels hold that token (before, every answer ran to the cap)."""
+    from transformers import AutoTokenizer
+
+    m, tok, prompts = lm
+    other = AutoTokenizer.from_pretrained(tiny_dir)
+    other.eos_token = "<|endoftext|>"  # EOS is no longer the template's <|im_end|>
+    eot = other.convert_tokens_to_ids("<|im_end|>")
+    assert data.end_of_turn_id(other) == eot != other.eos_token_id
+    assert data.stop_token_ids(other) == sorted({eot, other.eos_token_id})
+    ids, labels = data.encode_demonstration(other, [{"role": "user", "content": "hi"},
+                                                    {"role": "assistant", "content": "hello"}])
+    assert eot in [x for x in labels if x != rlhf.IGNORE_INDEX]
+    stop = eos_choices(m, tok, prompts, 10)[0]  # a token some greedy answers emit: it plays the end-of-turn
+    fake = SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=None, chat_template="x", _instruct_eot=stop)
+    want = reference(m, tok, prompts, stop, 10)
+    assert models.generate(m, fake, prompts, 1, 0.0, 1.0, 10, "cpu") == [[w] for w in want]
+    assert any(len(w) < 10 for w in want)
+    assert data.ended(fake, want[0]) == (want[0][-1] == stop)

@@ -126,6 +126,14 @@ def test_reward_model_path_value_initialised_from_rm(setup, tiny_dir, tmp_path, 
     rm_dir = rm.train(C.RMConfig(out=str(tmp_path / "rm"), model=C.ModelConfig(model=str(sft_dir)), **rm_cfg))
     m, rm_source = models.ppo_models(models.resolve(str(sft_dir)), str(rm_dir), C.ModelConfig(), "cpu")
     assert torch.equal(m.value_head.weight, m.reward.head.weight) and m.reward.bias != 0.0
+    # PPO's scores are raw - bias: the value head starts on that scale (its bias is the score head's - bias)
+    assert m.value_head.bias.item() == pytest.approx(m.reward.head.bias.item() - m.reward.bias, abs=1e-6)
+    h = torch.randn(3, m.value_head.in_features)
+    assert torch.allclose(m.value_head(h).squeeze(-1), m.reward.head(h).squeeze(-1) - m.reward.bias, atol=1e-5)
+    policy, value = m.param_groups()
+    assert policy and all(p.requires_grad for p in policy) and any(p is m.value_head.weight for p in value)
+    assert {id(p) for p in policy}.isdisjoint(id(p) for p in value)
+    assert len(policy) + len(value) == len([p for p in m.parameters() if p.requires_grad])
     params = dict(m.lm.named_parameters())
     value = {n: p for n, p in params.items() if ".value." in n}
     assert value and all(torch.equal(p, params[n.replace(".value.", ".reward.")]) for n, p in value.items())
@@ -163,3 +171,90 @@ def test_old_logprobs_from_the_sampling_loop_match_a_recompute(setup, tmp_path):
 def test_length_chunks():
     assert data.length_chunks([5, 1, 4, 1, 9], 2) == [[1, 3], [2, 0], [4]]
     assert data.length_chunks([], 3) == []
+
+
+def test_top_p_zero_and_temperature_zero_are_refused(setup, tmp_path, cli):
+    d, sft_dir, prompts, rule = setup
+    for flags in (["--top-p", 0], ["--temperature", 0], ["--top-p", 1.5]):
+        r = cli("ppo", "--policy", sft_dir, "--reward", rule, "-p", prompts, "-o", tmp_path / "x", "--ptx-coef", 0,
+                *flags)
+        assert r.code == 2 and "--top-p in (0, 1]" in r.err and not (tmp_path / "x.partial").exists(), r
+    with pytest.raises(Exception, match="top-p"):  # a config built in Python too
+        ppo.train(cfg(setup, tmp_path / "y", top_p=0.0))
+
+
+def test_ppo_optimizer_has_no_weight_decay_and_clips_policy_and_value_apart(setup, tmp_path, monkeypatch):
+    seen = {}
+    real = torch.optim.AdamW
+
+    def adamw(params, **kw):
+        seen.update(kw)
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    out = ppo.train(cfg(setup, tmp_path / "ppo", steps=1))
+    assert seen["weight_decay"] == 0.0
+    last = metrics(out)[-1]
+    assert last["grad_norm"] > 0 and last["value_grad_norm"] > 0
+
+
+def test_ppo_scores_the_tokens_as_sampled_so_a_cut_off_answer_has_no_end_of_turn(setup, tmp_path, monkeypatch):
+    """The RM reads an answer cut off at --max-new-tokens without the end-of-turn token the chat template would
+    add on re-rendering (finding: truncated answers used to look finished to the RM)."""
+    from instructcli import rm
+
+    d, sft_dir, prompts, _ = setup
+    cmp = write_jsonl(tmp_path / "c.jsonl", [{"prompt": f"Q{i}?", "chosen": "yes yes", "rejected": "no"}
+                                             for i in range(4)])
+    rm_dir = rm.train(C.RMConfig(data=str(cmp), out=str(tmp_path / "rm"), quiet=True,
+                                 model=C.ModelConfig(model=str(sft_dir)),
+                                 train=C.TrainConfig(max_steps=1, batch_size=4, eval_frac=0)))
+    scored = []
+    real = models.RewardModel.score
+
+    def spy(self, input_ids, attention_mask, starts=None):
+        scored.extend(ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask))
+        return real(self, input_ids, attention_mask, starts)
+
+    monkeypatch.setattr(models.RewardModel, "score", spy)
+    ppo.train(cfg(setup, tmp_path / "ppo", reward=str(rm_dir), steps=1, max_new_tokens=3, model=C.ModelConfig()))
+    tok = models.load_tokenizer(models.resolve(str(sft_dir)))
+    eot = data.end_of_turn_id(tok)
+    queries, _ = data.encode_prompts(tok, data.load(str(prompts), "prompts"), 256)
+    assert len(scored) == 8 and eot is not None
+    for ids in scored:  # the prompt, then at most 3 sampled tokens; an eot only as the answer's own last token
+        q = next(q for q in queries if ids[:len(q)] == q)
+        answer = ids[len(q):]
+        assert 1 <= len(answer) <= 3 and eot not in answer[:-1]
+    assert any(ids[-1] != eot for ids in scored), "with 3 new tokens, some answers are cut off"
+
+
+def test_mean_pooled_rm_and_its_value_head_agree_at_the_start(setup, tmp_path):
+    """With --pool mean the score head reads the end-of-turn state and the response's mean; the value head,
+    copied from it, reads the same features of each prefix, so at PPO's start the value at an answer's last
+    token is the RM's (normalised) score of that answer."""
+    from instructcli import rm
+
+    d, sft_dir, prompts, _ = setup
+    cmp = write_jsonl(tmp_path / "c.jsonl", [{"prompt": f"Q{i}?", "responses": ["yes yes", "no", "maybe so"],
+                                              "ranks": [1, 3, 2]} for i in range(8)])
+    rm_dir = rm.train(C.RMConfig(data=str(cmp), out=str(tmp_path / "rm"), quiet=True, pool="mean", head_lr=1e-2,
+                                 model=C.ModelConfig(model=str(sft_dir)),
+                                 train=C.TrainConfig(max_steps=3, batch_size=4, eval_frac=0)))
+    assert json.loads((rm_dir / "instruct.json").read_text())["config"]["pool"] == "mean"
+    m, _ = models.ppo_models(models.resolve(str(sft_dir)), str(rm_dir), C.ModelConfig(), "cpu")
+    m.eval()  # as ppo runs it: the RM's adapter was trained with dropout
+    assert m.reward.head.in_features == m.value_head.in_features == 2 * m.lm.config.hidden_size
+    tok = models.load_tokenizer(models.resolve(str(sft_dir)))
+    q = data.encode_prompt(tok, [{"role": "user", "content": "Q1?"}])
+    ids = torch.tensor([q + tok.encode("yes yes", add_special_tokens=False) + [tok.eos_token_id]])
+    mask, starts = torch.ones_like(ids), torch.tensor([len(q)])
+    with torch.no_grad():
+        m.use(models.REWARD)
+        score = m.reward.score(ids, mask, starts)
+        m.use(models.VALUE)
+        h = models.hidden_states(m.lm, ids, mask).float()
+        values = m.value_head(models.score_features(h, mask, starts, "mean")).squeeze(-1)
+    assert values[0, -1].item() == pytest.approx(score.item(), abs=1e-4)
+    out = ppo.train(cfg(setup, tmp_path / "ppo", reward=str(rm_dir), steps=1, model=C.ModelConfig()))
+    assert metrics(out)[-1]["value_loss"] >= 0

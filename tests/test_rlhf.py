@@ -157,3 +157,36 @@ def test_adaptive_kl_controller():
     assert c.update(3.0, 1000) == pytest.approx(0.1 * 1.02 * 0.98)  # clipped at -20 %
     assert c.update(6.6, 1000) == pytest.approx(0.1 * 1.02 * 0.98 * 1.01)
     assert rlhf.FixedKLController(0.02).update(100.0, 1000) == 0.02
+
+
+def test_kl_to_reference_by_hand():
+    ref = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])  # p_ref = (1/2, 1/2) and (3/4, 1/4)
+    pol = torch.tensor([[math.log(3.0), 0.0], [math.log(3.0), 0.0]])  # p = (3/4, 1/4) twice
+    kl_first = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert rlhf.kl_to_reference(pol, ref).item() == pytest.approx(kl_first / 2, abs=1e-6)
+    same = torch.randn(5, 7, requires_grad=True)
+    loss = rlhf.kl_to_reference(same, same.detach())
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-6) and same.grad.abs().max() < 1e-6  # no pull at the start
+
+
+def test_clip_grad_norms_clips_each_group_on_its_own():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+    a.grad, b.grad = torch.tensor([0.3, 0.4]), torch.tensor([0.0, 60.0, 80.0])
+    norms = rlhf.clip_grad_norms([[a], [b]], 1.0)
+    assert norms == pytest.approx([0.5, 100.0])
+    assert torch.allclose(a.grad, torch.tensor([0.3, 0.4]))  # a huge value gradient leaves the policy's alone
+    assert b.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_score_features_mean_over_the_response_so_far_by_hand():
+    from instructcli.models import score_features
+
+    h = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [3.0, 1.0], [5.0, 3.0]]])  # (1, 4, 2), response from position 2
+    mask = torch.ones(1, 4)
+    f = score_features(h, mask, torch.tensor([2]), "mean")
+    assert torch.equal(f[..., :2], h)
+    assert torch.allclose(f[0, :, 2:], torch.tensor([[0.0, 0.0], [0.0, 0.0], [3.0, 1.0], [4.0, 2.0]]))
+    pad = score_features(h, torch.tensor([[1.0, 1.0, 1.0, 0.0]]), torch.tensor([1]), "mean")  # last is padding
+    assert torch.allclose(pad[0, 2, 2:], torch.tensor([2.5, 0.5]))
+    assert score_features(h, mask, None, "last") is h

@@ -127,3 +127,20 @@ def test_label_with_rule_and_rm_judges_writes_rows_rm_reads(cli, rm_dir, tmp_pat
     assert got[0].ranks[1] < got[0].ranks[2]  # the trained RM prefers "yes yes yes" to "no"
     r = cli("label", samples, "-o", tmp_path / "c3.jsonl", "--judge", f"{rule}:nope")
     assert r.code == 2 and "has no function 'nope'" in r.err
+
+
+def test_a_cut_off_answer_is_read_without_the_end_of_turn_token(rm_dir, tiny_dir):
+    """The score is read at the end-of-turn token (not at what the template renders after it); an answer cut
+    off at the token cap has none, so the RM can tell it from the same words ended."""
+    out, _ = rm_dir
+    model, tok, _ = models.load_reward_model(str(out), ModelConfig(), "cpu")
+    eot = data.end_of_turn_id(tok)
+    msgs = [{"role": "user", "content": "Question 1: sun?"}]
+    ended, cut = data.encode_responses(tok, msgs, ["yes yes sun", "yes yes sun"], 256, "truncate",
+                                       data.OverflowStats(), "", ended=[True, False])
+    assert eot == tok.convert_tokens_to_ids("<|im_end|>") and ended[-1] == eot and ended[:-1] == cut
+    full = data.encode_demonstration(tok, msgs + [{"role": "assistant", "content": "yes yes sun"}])[0]
+    assert full[:len(ended)] == ended and len(full) > len(ended)  # the template's trailing newline is not read
+    a, b = models.reward_scores(model, tok, msgs, ["yes yes sun"] * 2, ended=[True, False])
+    assert a != pytest.approx(b, abs=1e-4)
+    assert models.reward_scores(model, tok, msgs, ["yes yes sun"])[0] == pytest.approx(a, abs=1e-5)
