@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--ptx", action="store_true", help="also PPO-ptx (--ptx-coef 27.8)")
     ap.add_argument("--rm-args", default="", help="extra flags for instruct rm (defaults otherwise)")
     ap.add_argument("--ppo-args", default="", help="extra flags for instruct ppo (defaults otherwise)")
+    ap.add_argument("--reuse", action="store_true", help="keep the run dirs an earlier run of this benchmark "
+                    "finished in OUT (same flags), e.g. to add --ptx afterwards")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,23 +117,33 @@ def main() -> None:
               "--seed", a.seed, "--overwrite", "-o", out / "eval_sft", "-q")
     sft_eval = summary(out / "eval_sft")
 
+    results_path = out / "results.json"
+    earlier = json.loads(results_path.read_text())["results"] if a.reuse and results_path.exists() else []
     results = []
     for name in a.rules.split(","):
         rule, spec, d = rule_fn(name), f"{RULES}:{name}", out / name
         d.mkdir(exist_ok=True)
         t_rule = time.time()
         rankings = d / "rankings.jsonl"
-        rankings.unlink(missing_ok=True)
-        Path(f"{rankings}.skipped").unlink(missing_ok=True)
-        timed("label", "label", train_samples, "-o", rankings, "--judge", spec, "--noise", a.noise, "--seed", a.seed)
-        timed("rm", "rm", rankings, "--from", sft, "-o", d / "rm", "--seed", a.seed, "--overwrite", "-q",
-              *shlex.split(a.rm_args))
-        timed("score", "score", d / "rm", fresh, "-o", d / "scored_heldout.jsonl", "-q")
+
+        def done(run_dir: Path) -> bool:
+            return a.reuse and (run_dir / "instruct.json").exists()
+
+        if not done(d / "rm"):
+            rankings.unlink(missing_ok=True)
+            Path(f"{rankings}.skipped").unlink(missing_ok=True)
+            timed("label", "label", train_samples, "-o", rankings, "--judge", spec, "--noise", a.noise,
+                  "--seed", a.seed)
+            timed("rm", "rm", rankings, "--from", sft, "-o", d / "rm", "--seed", a.seed, "--overwrite", "-q",
+                  *shlex.split(a.rm_args))
+            timed("score", "score", d / "rm", fresh, "-o", d / "scored_heldout.jsonl", "-q")
         acc, pairs, n_prompts = rm_accuracy(d / "scored_heldout.jsonl", rule)
         policies = {"ppo": []}
         if a.ptx:
             policies["ppo_ptx"] = ["--ptx-coef", 27.8, "--ptx-data", a.ptx_data]
         for pol, extra in policies.items():
+            if done(d / pol):
+                continue
             timed("ppo", "ppo", "--policy", sft, "--reward", d / "rm", "-p", a.train_prompts, "--ptx-coef", 0,
                   *extra, "--max-new-tokens", a.new_tokens, "--seed", a.seed, "--overwrite", "-q",
                   "-o", d / pol, *shlex.split(a.ppo_args))
@@ -145,21 +157,24 @@ def main() -> None:
                "sft_words": statistics.mean(words[str(sft)]), "policies": {}}
         for pol in policies:
             ev = d / f"eval_{pol}"
-            timed("eval", "eval", d / pol, "-p", a.heldout, "--lm-data", a.lm_data, "--max-new-tokens", a.new_tokens,
-                  "--seed", a.seed, "--overwrite", "-o", ev, "-q")
+            if not (a.reuse and (ev / "summary.json").exists()):
+                timed("eval", "eval", d / pol, "-p", a.heldout, "--lm-data", a.lm_data, "--max-new-tokens",
+                      a.new_tokens, "--seed", a.seed, "--overwrite", "-o", ev, "-q")
             s, c = summary(ev), next(r for r in cmp["results"] if r["model"] == str(d / pol))
             m = json.loads((d / pol / "instruct.json").read_text())["metrics"]
             res["policies"][pol] = {
                 "win_rate": c["win_rate"], "ci95": c["ci95"], "wins": c["wins"], "ties": c["ties"],
-                "losses": c["losses"], "kl": s["answers"]["kl"]["mean"], "response_tokens": s["answers"]["response_len"],
+                "losses": c["losses"], "kl": s["answers"]["kl"]["mean"],
+                "response_tokens": s["answers"]["response_len"],
                 "no_eos": s["answers"]["no_eos"], "words": statistics.mean(words[str(d / pol)]),
                 "lm_loss": s["lm"]["loss"], "rm_score_last_step (RM-judged)": m.get("score")}
         res["minutes"] = (time.time() - t_rule) / 60
         results.append(res)
-        (out / "results.json").write_text(json.dumps({"sft": {"lm_loss": sft_eval["lm"]["loss"],
+        kept = [r for r in earlier if r["rule"] not in {x["rule"] for x in results}]  # other rules' earlier runs
+        results_path.write_text(json.dumps({"sft": {"lm_loss": sft_eval["lm"]["loss"],
                                                                "response_tokens": sft_eval["answers"]["response_len"],
                                                                "no_eos": sft_eval["answers"]["no_eos"]},
-                                                       "results": results, "stage_seconds": times,
+                                                       "results": kept + results, "stage_seconds": times,
                                                        "total_minutes": (time.time() - t_all) / 60,
                                                        "args": vars(a)}, indent=1))
     print(f"sft: held-out LM loss {sft_eval['lm']['loss']:.4f}, {sft_eval['answers']['response_len']:.1f} tokens, "

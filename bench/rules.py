@@ -40,14 +40,30 @@ def concise(prompt: str, response: str) -> float:
     return float(finished) - max(0, n - 35) / 15 - max(0, 12 - n) / 6
 
 
+def copied(prompt: str, response: str) -> float:
+    """The share of the answer's 4-word runs that repeat the prompt or an earlier part of the answer: parroting."""
+    said = _words(response)
+    grams = [tuple(said[i:i + 4]) for i in range(len(said) - 3)]
+    if not grams:
+        return 0.0
+    p = _words(prompt)
+    seen = {tuple(p[i:i + 4]) for i in range(len(p) - 3)}
+    hits = 0
+    for g in grams:
+        hits += g in seen
+        seen.add(g)
+    return hits / len(grams)
+
+
 def on_topic(prompt: str, response: str) -> float:
     """Content: the share of the prompt's content words (names, places, things asked about) the answer takes
-    up, less a little for every word past 40, so that covering the prompt wins, not rambling."""
+    up, less a little for every word past 40 and for parroting (4-word runs copied from the prompt or
+    repeated), so that answering about what was asked wins, not rambling or echoing the question."""
     asked = {w for w in _words(prompt) if len(w) > 3 and w not in _STOP}
     said = _words(response)
     if not asked:
         return 0.0
-    return len(asked & set(said)) / len(asked) - 0.02 * max(0, len(said) - 40)
+    return len(asked & set(said)) / len(asked) - 0.02 * max(0, len(said) - 40) - copied(prompt, response)
 
 
 def warm(prompt: str, response: str) -> float:

@@ -63,6 +63,8 @@ LoraROpt = Annotated[int, typer.Option(help="LoRA rank.")]
 LoraAlphaOpt = Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / rank).")]
 LoraDropoutOpt = Annotated[float, typer.Option(help="LoRA dropout.")]
 LoraTargetsOpt = Annotated[str, typer.Option(help="Modules to adapt: all-linear, or names like q_proj,v_proj.")]
+LoraLayersOpt = Annotated[int, typer.Option(help="Adapt only the top N decoder layers (0 = all); the layers "
+                                            "below then need no backward pass.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own Python code to run.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info lines.")]
 SkipOpt = Annotated[bool, typer.Option("--skip-invalid", help="Skip and count invalid rows instead of stopping.")]
@@ -148,6 +150,7 @@ def sft(
     lora_alpha: LoraAlphaOpt = 32,
     lora_dropout: LoraDropoutOpt = 0.05,
     lora_targets: LoraTargetsOpt = "all-linear",
+    lora_layers: LoraLayersOpt = 0,
     trust_remote_code: TrustOpt = False,
     epochs: Annotated[float, typer.Option(help="Passes over the training rows (ignored with --max-steps).")] = 1.0,
     max_steps: MaxStepsOpt = 0,
@@ -203,10 +206,11 @@ def rm(
     lora_alpha: LoraAlphaOpt = 32,
     lora_dropout: LoraDropoutOpt = 0.05,
     lora_targets: LoraTargetsOpt = "all-linear",
+    lora_layers: LoraLayersOpt = 0,
     trust_remote_code: TrustOpt = False,
-    epochs: Annotated[float, typer.Option(help="Passes over the training prompts (the paper: 1).")] = 1.0,
+    epochs: Annotated[float, typer.Option(help="Passes over the training prompts (the paper: 1).")] = 2.0,
     max_steps: MaxStepsOpt = 0,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (the adapter's).")] = 5e-4,
     schedule: ScheduleOpt = "cosine",
     warmup: WarmupOpt = 0.05,
     weight_decay: WeightDecayOpt = 0.0,
@@ -226,8 +230,10 @@ def rm(
     norm_data: Annotated[str, typer.Option(help="Demonstrations JSONL that should score 0 on average "
                                            "(default: the best-ranked training responses).")] = "",
     pool: Annotated[str, typer.Option(help="What the score head reads: last (the end-of-turn token's hidden "
-                                      "state) or mean (that and the mean over the response's tokens).")] = "last",
-    head_lr: Annotated[float, typer.Option(help="Learning rate of the score head (0 = --lr).")] = 0.0,
+                                      "state) or mean (that and the mean over the response's tokens).")] = "mean",
+    head_lr: Annotated[float, typer.Option(help="Learning rate of the score head (0 = --lr).")] = 1e-2,
+    score_depth: Annotated[float, typer.Option(help="The head reads the hidden states after this share of the "
+                                               "decoder layers (1 = all); the layers above never run.")] = 0.5,
     skip_invalid: SkipOpt = False,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
@@ -237,6 +243,8 @@ def rm(
 ):
     p = dict(ctx.params)
     _check("pool", pool, C.POOLS)
+    if not 0 < score_depth <= 1:
+        raise InstructError(f"--score-depth: must be in (0, 1], got {score_depth}", 2)
     if from_dir and model != "default":
         raise InstructError("give --from (an sft run dir) or --model, not both", 2)
     p["model"] = from_dir or model
@@ -309,17 +317,17 @@ def ppo(
     prompts: Annotated[str, typer.Option("--prompts", "-p", help="Prompts JSONL for rollouts.")],
     out: OutOpt = "runs/ppo",
     ptx_data: Annotated[str, typer.Option(help="Pretraining rows {text} for PPO-ptx.")] = "",
-    ptx_coef: Annotated[float, typer.Option(help="gamma: weight of the pretraining LM loss (paper 27.8; "
-                                            "0 = plain PPO).")] = 27.8,
+    ptx_coef: Annotated[float, typer.Option(help="gamma: weight of the pretraining term, the per-token KL from "
+                                            "the SFT model on --ptx-data (paper 27.8; 0 = plain PPO).")] = 27.8,
     ptx_batch_size: Annotated[int, typer.Option(help="Pretraining rows per optimisation step.")] = 4,
     kl: Annotated[float, typer.Option(help="beta, the per-token KL penalty coefficient (paper 0.02).")] = 0.02,
     target_kl: Annotated[float, typer.Option(help="> 0: adapt beta toward this KL (nats per response).")] = 0.0,
     horizon: Annotated[int, typer.Option(help="Adaptive KL horizon (rollouts).")] = 10000,
-    steps: Annotated[int, typer.Option(help="PPO iterations (rollout + optimisation).")] = 20,
+    steps: Annotated[int, typer.Option(help="PPO iterations (rollout + optimisation).")] = 30,
     rollout_batch_size: Annotated[int, typer.Option(help="Prompts per rollout.")] = 8,
-    mini_batch_size: Annotated[int, typer.Option(help="Rollouts per optimizer step.")] = 4,
-    ppo_epochs: Annotated[int, typer.Option(help="Passes over each rollout batch.")] = 2,
-    lr: Annotated[float, typer.Option(help="Learning rate (policy and value adapters).")] = 1e-4,
+    mini_batch_size: Annotated[int, typer.Option(help="Rollouts per optimizer step.")] = 8,
+    ppo_epochs: Annotated[int, typer.Option(help="Passes over each rollout batch.")] = 1,
+    lr: Annotated[float, typer.Option(help="Learning rate (policy and value adapters).")] = 3e-4,
     cliprange: Annotated[float, typer.Option(help="Policy ratio clip.")] = 0.2,
     cliprange_value: Annotated[float, typer.Option(help="Value clip around the rollout's values.")] = 0.2,
     vf_coef: Annotated[float, typer.Option(help="Value loss weight.")] = 0.1,
@@ -345,6 +353,7 @@ def ppo(
     lora_alpha: LoraAlphaOpt = 32,
     lora_dropout: LoraDropoutOpt = 0.0,
     lora_targets: LoraTargetsOpt = "all-linear",
+    lora_layers: LoraLayersOpt = 0,
     trust_remote_code: TrustOpt = False,
     save_every: SaveEveryOpt = 10,
     keep_checkpoints: KeepOpt = 2,

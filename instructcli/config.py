@@ -37,6 +37,7 @@ class ModelConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: str = "all-linear"  # comma-separated module names, or all-linear
+    lora_layers: int = 0  # adapt only the top N decoder layers (0 = all): the frozen layers below need no backward
     trust_remote_code: bool = False
 
 
@@ -79,11 +80,13 @@ class RMConfig:
     data: str
     out: str
     model: ModelConfig = field(default_factory=ModelConfig)  # model.model = the --from run dir or --model
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, batch_size=4, epochs=1.0,
+    # the defaults are what bench/align.py found on the embedded model (ALIGNMENT.md)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, batch_size=4, epochs=2.0,
                                                                    eval_frac=0.1, eval_every=20))
     norm_data: str = ""  # demonstrations scored 0 on average; "" = the best-ranked responses of the training set
-    pool: str = "last"  # the head reads: last = the end-of-turn token's hidden state; mean = that and the response's mean
-    head_lr: float = 0.0  # the score head's learning rate; 0 = --lr
+    pool: str = "mean"  # the head reads: last = the end-of-turn token's hidden state; mean = that and the response's mean
+    head_lr: float = 1e-2  # the score head's learning rate; 0 = --lr
+    score_depth: float = 0.5  # the head reads the hidden states after this share of the decoder layers (1 = all)
     max_len: int = 512
     overflow: str = "truncate"
     skip_invalid: bool = False
@@ -101,16 +104,17 @@ class PPOConfig:
     # quant, dtype and LoRA shape of the policy/value; no dropout: old and new log-probs come from one function
     model: ModelConfig = field(default_factory=lambda: ModelConfig(lora_dropout=0.0))
     ptx_data: str = ""  # pretraining rows for PPO-ptx
-    ptx_coef: float = 27.8  # gamma; 0 = plain PPO
+    ptx_coef: float = 27.8  # gamma, on the per-token KL(pi_SFT || pi) over the ptx text; 0 = plain PPO
     ptx_batch_size: int = 4
     kl: float = 0.02  # beta (initial value with target_kl)
     target_kl: float = 0.0  # > 0: adaptive controller toward this KL (nats per response)
     horizon: int = 10000
-    steps: int = 20  # PPO iterations (rollout + optimisation)
+    # the defaults are what bench/align.py found on the embedded model (ALIGNMENT.md)
+    steps: int = 30  # PPO iterations (rollout + optimisation)
     rollout_batch_size: int = 8  # prompts per rollout
-    mini_batch_size: int = 4
-    ppo_epochs: int = 2
-    lr: float = 1e-4
+    mini_batch_size: int = 8
+    ppo_epochs: int = 1
+    lr: float = 3e-4
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1

@@ -370,17 +370,28 @@ def lineage(source: Source) -> dict:
     }
 
 
-def lora_config(mc: ModelConfig):
+def lora_config(mc: ModelConfig, model, bottom: int = 0):
+    """LoRA on mc's targets, in every layer, the top mc.lora_layers, or (bottom > 0) the first `bottom` layers:
+    a reward model read after its first layers has nothing to adapt above them."""
     from peft import LoraConfig
 
     targets = mc.lora_targets if mc.lora_targets == "all-linear" else [t.strip() for t in mc.lora_targets.split(",")]
+    num_layers = model.config.num_hidden_layers
+    if (mc.lora_layers or bottom) and targets == "all-linear":  # peft takes a layer subset only with named modules
+        targets = sorted({n.removesuffix(".base_layer").rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and ".layers." in n and ".lora_" not in n})
+    if mc.lora_layers < 0 or mc.lora_layers > num_layers:
+        raise InstructError(f"--lora-layers: expected 0 (all) to {num_layers} (the model's layers), got "
+                            f"{mc.lora_layers}", 2)
+    which = (list(range(bottom)) if bottom else
+             list(range(num_layers - mc.lora_layers, num_layers)) if mc.lora_layers else None)
     return LoraConfig(r=mc.lora_r, lora_alpha=mc.lora_alpha, lora_dropout=mc.lora_dropout, target_modules=targets,
-                      task_type="CAUSAL_LM", bias="none")
+                      layers_to_transform=which, task_type="CAUSAL_LM", bias="none")
 
 
-def trainable_model(source: Source, mc: ModelConfig, device: str):
+def trainable_model(source: Source, mc: ModelConfig, device: str, bottom: int = 0):
     """A model to train: base + fresh LoRA (or all weights with --full). Pass `source.as_base()` to train on
-    top of a run dir: its adapter is then merged into the base."""
+    top of a run dir: its adapter is then merged into the base. `bottom`: see lora_config."""
     assert source.run_dir is None or (source.manifest or {}).get("full"), "pass source.as_base()"
     model = load_base(source, mc, device)
     if mc.full:
@@ -390,7 +401,7 @@ def trainable_model(source: Source, mc: ModelConfig, device: str):
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, lora_config(mc))
+        return get_peft_model(model, lora_config(mc, model, bottom))
     except ValueError as e:
         raise InstructError(f"--lora-targets {mc.lora_targets}: {e}", 2) from None
 
@@ -995,12 +1006,30 @@ def logits_from(model, ids, attention_mask, position_ids, start: int) -> torch.T
     return model.get_output_embeddings()(hidden[:, start:].contiguous())
 
 
-def hidden_states(model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+def hidden_states(model, input_ids, attention_mask, position_ids=None, layers: int = 0) -> torch.Tensor:
     """The decoder's last hidden states of a causal LM (PEFT-wrapped or not; its active adapters apply), with
-    no KV cache: for the heads that run only where they are needed (LM head, score head, value head)."""
+    no KV cache: for the heads that run only where they are needed (LM head, score head, value head).
+    `layers` > 0: the states after that many decoder layers (then the final norm); the layers above never run."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state
+    decoder = base.get_decoder()
+    with _first_layers(decoder, layers):
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).last_hidden_state
+
+
+@contextlib.contextmanager
+def _first_layers(decoder, n: int):
+    """The decoder runs only its first n layers inside the block (0 = all). The shared base is restored on exit,
+    so the policy, whose forwards use every layer, never sees it cut."""
+    if not n:
+        yield
+        return
+    every = decoder.layers
+    decoder.layers = torch.nn.ModuleList(list(every)[:n])
+    try:
+        yield
+    finally:
+        decoder.layers = every
 
 
 def response_logprobs(model, queries: list[list[int]], responses: list[list[int]], pad_id: int, device: str,
@@ -1049,9 +1078,9 @@ class RewardModel(torch.nn.Module):
     `bias` is the normalisation fitted after training (reference demonstrations score 0 on average).
     """
 
-    def __init__(self, lm, hidden_size: int, pool: str = "last"):
+    def __init__(self, lm, hidden_size: int, pool: str = "last", layers: int = 0):
         super().__init__()
-        self.lm, self.pool = lm, pool
+        self.lm, self.pool, self.layers = lm, pool, layers  # layers > 0: read after that many decoder layers
         width = hidden_size * (2 if pool == "mean" else 1)
         self.head = torch.nn.Linear(width, 1)
         torch.nn.init.normal_(self.head.weight, std=1 / (width + 1) ** 0.5)
@@ -1059,13 +1088,13 @@ class RewardModel(torch.nn.Module):
         # a constant offset gets no gradient from the pairwise loss, only float noise, which Adam would turn
         # into lr-sized random steps; the offset is set once by the normalisation (`bias`) instead
         self.head.bias.requires_grad_(False)
-        self.bias = 0.0
+        self.bias, self.scale = 0.0, 1.0  # the normalisation: score = (raw - bias) * scale
 
     def forward(self, input_ids, attention_mask, starts=None):
         """Raw scores; `starts` (B,) is where each row's response begins (needed by pool "mean")."""
         from instructcli.rlhf import last_token_index
 
-        hidden = hidden_states(self.lm, input_ids, attention_mask)
+        hidden = hidden_states(self.lm, input_ids, attention_mask, layers=self.layers)
         rows, last = torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)
         if self.pool == "last":
             return self.head(hidden[rows, last].float()).squeeze(-1)
@@ -1073,8 +1102,8 @@ class RewardModel(torch.nn.Module):
         return self.head(feats[rows, last]).squeeze(-1)
 
     def score(self, input_ids, attention_mask, starts=None):
-        """Normalised rewards: the raw score minus the fitted bias."""
-        return self.forward(input_ids, attention_mask, starts) - self.bias
+        """Normalised rewards: (raw score - fitted bias) x fitted scale."""
+        return (self.forward(input_ids, attention_mask, starts) - self.bias) * self.scale
 
     def save_pretrained(self, path) -> None:
         from safetensors.torch import save_file
@@ -1085,17 +1114,35 @@ class RewardModel(torch.nn.Module):
 
 
 
-def new_reward_model(source: Source, mc: ModelConfig, device: str, pool: str = "last"):
-    """Base (+ LoRA) + a fresh scalar head, to train."""
-    lm = trainable_model(source, mc, device)
+def new_reward_model(source: Source, mc: ModelConfig, device: str, pool: str = "last", depth: float = 1.0):
+    """Base (+ LoRA, on the layers below where the head reads) + a fresh scalar head, to train. The head reads
+    after round(depth x layers) decoder layers (at least 1; all at depth 1)."""
+    n = _config_layers(source, mc)
+    layers = 0 if depth >= 1 else max(1, round(depth * n))
+    lm = trainable_model(source, mc, device, bottom=layers)
     lm.config.use_cache = False
-    rm = RewardModel(lm, lm.config.hidden_size, pool).to(device)
+    rm = RewardModel(lm, lm.config.hidden_size, pool, layers).to(device)
     return rm
 
 
-def reward_pool(manifest: dict) -> str:
-    """How an rm run dir's head reads the hidden states (run dirs from before pooling read the last token)."""
-    return (manifest.get("config") or {}).get("pool", "last")
+def normalisation(manifest: dict) -> tuple[float, float]:
+    """An rm run dir's (bias, scale): its scores are (raw - bias) * scale."""
+    norm = manifest.get("reward_norm") or {}
+    return float(norm.get("bias", 0.0)), float(norm.get("scale", 1.0))
+
+
+def _config_layers(source: Source, mc: ModelConfig) -> int:
+    from transformers import AutoConfig
+
+    where = merged_base(source) if source.merged else source.base
+    return AutoConfig.from_pretrained(where, trust_remote_code=mc.trust_remote_code).num_hidden_layers
+
+
+def reward_reading(manifest: dict) -> tuple[str, int]:
+    """How an rm run dir's head reads the hidden states: (pool, decoder layers run, 0 = all); run dirs from
+    before these options read the last token after every layer."""
+    head = manifest.get("reward_head") or {}
+    return head.get("pool", "last"), head.get("layers", 0)
 
 
 def load_reward_model(spec: str, mc: ModelConfig, device: str, log=None):
@@ -1106,12 +1153,12 @@ def load_reward_model(spec: str, mc: ModelConfig, device: str, log=None):
     source = require_rm(resolve(spec, log))
     base = load_base(Source(source.spec, source.base, merged=source.merged), mc, device)
     lm = PeftModel.from_pretrained(base, source.run_dir)
-    rm = RewardModel(lm, base.config.hidden_size, reward_pool(source.manifest))
+    rm = RewardModel(lm, base.config.hidden_size, *reward_reading(source.manifest))
     try:
         rm.head.load_state_dict(load_file(str(Path(source.run_dir) / SCORE_HEAD)))
     except (OSError, RuntimeError) as e:
         raise InstructError(f"{spec}: bad {SCORE_HEAD}: {e}", 2) from None
-    rm.bias = float(source.manifest.get("reward_norm", {}).get("bias", 0.0))
+    rm.bias, rm.scale = normalisation(source.manifest)
     rm.to(device).eval()
     return rm, load_tokenizer(source, mc.trust_remote_code), source.manifest
 
@@ -1146,9 +1193,11 @@ class PPOModels(torch.nn.Module):
     "value" + value head (trainable, initialised from the reward model's). Only one copy of the base exists.
     """
 
-    def __init__(self, lm, reward: RewardModel | None, value_head: torch.nn.Linear, pool: str = "last"):
+    def __init__(self, lm, reward: RewardModel | None, value_head: torch.nn.Linear, pool: str = "last",
+                 layers: int = 0):
         super().__init__()
-        self.lm, self.reward, self.value_head, self.pool = lm, reward, value_head, pool
+        self.lm, self.reward, self.value_head = lm, reward, value_head
+        self.pool, self.layers = pool, layers  # how the value head reads, as the RM it was copied from
         self._trainable = [p for p in self.parameters() if p.requires_grad]
         self._adapter = None
 
@@ -1188,23 +1237,24 @@ def ppo_models(policy: Source, reward_spec: str, mc: ModelConfig, device: str, l
                                 f"one shared base needs `instruct rm ... --from {policy.spec}`", 2)
     base = load_base(base_source, mc, device)
     hidden = base.config.hidden_size
-    pool = reward_pool(rm_source.manifest) if rm_source else "last"
+    pool, layers = reward_reading(rm_source.manifest) if rm_source else ("last", 0)
     value_head = torch.nn.Linear(hidden * (2 if pool == "mean" else 1), 1)
     if rm_source:
         lm = PeftModel.from_pretrained(base, rm_source.run_dir, adapter_name=REWARD)
         lm.load_adapter(rm_source.run_dir, adapter_name=VALUE, is_trainable=True)
-        lm.add_adapter(POLICY, lora_config(mc))
-        reward = RewardModel(lm, hidden, pool)
+        lm.add_adapter(POLICY, lora_config(mc, base))
+        reward = RewardModel(lm, hidden, pool, layers)
         reward.head.load_state_dict(load_file(str(Path(rm_source.run_dir) / SCORE_HEAD)))
-        reward.bias = float(rm_source.manifest.get("reward_norm", {}).get("bias", 0.0))
+        reward.bias, reward.scale = normalisation(rm_source.manifest)
         value_head.load_state_dict(reward.head.state_dict())
-        with torch.no_grad():  # PPO's scores are the normalised ones (raw - bias): so are the first values
-            value_head.bias -= reward.bias
+        with torch.no_grad():  # PPO's scores are the normalised ones, (raw - bias) x scale: so are the first values
+            value_head.bias.sub_(reward.bias).mul_(reward.scale)
+            value_head.weight.mul_(reward.scale)
     else:
         from peft import get_peft_model
 
-        lm = get_peft_model(base, lora_config(mc))
-        lm.add_adapter(VALUE, lora_config(mc))
+        lm = get_peft_model(base, lora_config(mc, base))
+        lm.add_adapter(VALUE, lora_config(mc, base))
         reward = None
         torch.nn.init.zeros_(value_head.weight)
         torch.nn.init.zeros_(value_head.bias)
@@ -1213,6 +1263,6 @@ def ppo_models(policy: Source, reward_spec: str, mc: ModelConfig, device: str, l
     if reward is not None:
         for p in reward.head.parameters():
             p.requires_grad_(False)
-    models = PPOModels(lm, reward, value_head, pool).to(device)
+    models = PPOModels(lm, reward, value_head, pool, layers).to(device)
     models.use(POLICY)
     return models, rm_source

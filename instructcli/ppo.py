@@ -88,7 +88,7 @@ def train(cfg: PPOConfig) -> Path:
                                                  tok.pad_token_id, device)
         if adapter == VALUE:  # the value of each state: what the RM-shaped head reads there (score_features)
             m.use(VALUE)
-            h = models.hidden_states(m.lm, ids, attn, pos).float()
+            h = models.hidden_states(m.lm, ids, attn, pos, layers=m.layers).float()
             starts = torch.full((len(sel),), P, device=device)
             return m.value_head(models.score_features(h, attn, starts, m.pool)[:, P - 1:-1]).squeeze(-1)
         m.use(POLICY)

@@ -69,7 +69,7 @@ def train(cfg: RMConfig) -> Path:
     models.seed_everything(t.seed)
     device = models.pick_device()
     check_choice("pool", cfg.pool, POOLS)
-    model = models.new_reward_model(source.as_base(), mc, device, cfg.pool)
+    model = models.new_reward_model(source.as_base(), mc, device, cfg.pool, cfg.score_depth)
     params = [p for p in model.parameters() if p.requires_grad]
     head = [p for p in model.head.parameters() if p.requires_grad]
     # the head starts random and must move far in few steps, the adapter only a little: its own learning rate
@@ -166,18 +166,24 @@ def train(cfg: RMConfig) -> Path:
                 raise KeyboardInterrupt
     metrics.close()
 
-    # 4. normalise: reference demonstrations score 0 on average (stored, applied whenever the RM scores)
+    # 4. normalise (stored, applied whenever the RM scores): reference demonstrations score 0 on average, and
+    # the training responses (the policy's own samples, when the rankings are on-policy) spread with std 1, as
+    # lm-human-preferences normalises; so --kl means the same against any reward model
     model.eval()
-    with torch.no_grad():
-        mine = parallel.strided(reference)
-        mine_scores = []
-        for b in range(0, len(mine), 16):
-            chunk = mine[b:b + 16]
-            groups = forward_groups(model, [[ids] for ids, _ in chunk], [s for _, s in chunk], tok.pad_token_id,
-                                    device)
-            mine_scores += [g.item() for g in groups]
-        ref_scores = torch.tensor(parallel.gather(mine_scores))
+
+    def raw_scores(items: list[tuple[list[int], int]]) -> torch.Tensor:
+        mine, out = parallel.strided(items), []
+        with torch.no_grad():
+            for b in range(0, len(mine), 16):
+                chunk = mine[b:b + 16]
+                out += [g.item() for g in forward_groups(model, [[ids] for ids, _ in chunk], [s for _, s in chunk],
+                                                         tok.pad_token_id, device)]
+        return torch.tensor(parallel.gather(out))
+
+    ref_scores = raw_scores(reference)
+    spread = raw_scores([(ids, start) for enc, _, start in train_set for ids in enc])
     model.bias = ref_scores.mean().item()
+    model.scale = 1.0 / spread.std().item() if len(spread) > 1 and spread.std().item() > 1e-6 else 1.0
     final = {k: last[k] for k in ("step", "loss", "accuracy", "eval_loss", "eval_accuracy") if k in last}
     if eval_set and "eval_accuracy" not in final:
         final.update(evaluate())
@@ -185,13 +191,15 @@ def train(cfg: RMConfig) -> Path:
         "stage": "rm",
         **models.lineage(source),
         "data": {**rows.describe(), "overflow": vars(stats)},
-        "reward_norm": {"bias": model.bias, "scale": 1.0, "n": len(reference),
+        "reward_head": {"pool": model.pool, "layers": model.layers},  # how the head reads (models.reward_reading)
+        "reward_norm": {"bias": model.bias, "scale": model.scale, "n": len(reference),
                         "data": norm_rows.describe() if norm_rows else "best-ranked training responses",
-                        "raw_std": ref_scores.std().item() if len(ref_scores) > 1 else 0.0},
+                        "raw_std": ref_scores.std().item() if len(ref_scores) > 1 else 0.0,
+                        "scale_from": f"std of the {len(spread)} training responses' raw scores"},
         "config": to_dict(cfg),
         "metrics": final,
     })
-    console.log(f"rm: done, {final}, reward bias {model.bias:.4f}; saved to {out}")
+    console.log(f"rm: done, {final}, reward bias {model.bias:.4f}, scale {model.scale:.4f}; saved to {out}")
     return out
 
 

@@ -1,62 +1,87 @@
 #!/usr/bin/env bash
-# The README's main command: the whole recipe on the embedded model and data_samples/:
-# sft -> sample K per prompt -> rm -> ppo with ptx -> sample from the PPO policy, with rewards before/after.
-# Sizes are environment variables (defaults fit about 10 minutes on 2 CPU cores).
+# The README's main command: the InstructGPT recipe on the embedded model and data_samples/, on-policy as in
+# the paper: sft -> sample K answers per prompt from the SFT model -> rank them (a simulated labeler stands in
+# for people) -> rm on those rankings -> ppo against the rm -> judge PPO against SFT on held-out prompts with
+# the labeler, which PPO never saw. Ends with one before/after table.
+# Sizes are environment variables (the defaults fit about 10 minutes on 2 CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${VIRTUAL_ENV:-}" ] || . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 OUT=${DEMO_OUT:-runs/demo}
-SFT_STEPS=${DEMO_SFT_STEPS:-30}      # sft optimizer steps of 4 demonstrations
-PROMPTS=${DEMO_PROMPTS:-8}           # held-out prompts sampled before and after PPO
-K=${DEMO_K:-2}                       # samples per prompt
+SFT_STEPS=${DEMO_SFT_STEPS:-16}      # sft optimizer steps of 4 demonstrations
+PROMPTS=${DEMO_PROMPTS:-40}          # training prompts whose SFT answers are ranked
+K=${DEMO_K:-4}                       # answers ranked per prompt
 NEW_TOKENS=${DEMO_NEW_TOKENS:-48}
-RM_STEPS=${DEMO_RM_STEPS:-12}        # rm optimizer steps of 4 rankings (K = 4)
-PPO_STEPS=${DEMO_PPO_STEPS:-4}       # ppo iterations of 8 rollouts
-PPO_BATCH=${DEMO_PPO_BATCH:-8}
+RM_EPOCHS=${DEMO_RM_EPOCHS:-2}
+PPO_STEPS=${DEMO_PPO_STEPS:-8}       # ppo iterations
+PPO_BATCH=${DEMO_PPO_BATCH:-8}       # rollouts per iteration
+HELDOUT=${DEMO_HELDOUT:-48}          # held-out prompts the judge compares SFT and PPO on
+LABELER=${DEMO_LABELER:-data_samples/labeler.py:prefer}
 mkdir -p "$OUT"
 start=$(date +%s)
-# data_samples/prompts.jsonl drives PPO; a few held-out prompts show the policy before and after
-tail -n "$PROMPTS" data_samples/prompts_heldout.jsonl > "$OUT/heldout_prompts.jsonl"
+head -n "$PROMPTS" data_samples/prompts.jsonl > "$OUT/prompts.jsonl"
+head -n "$HELDOUT" data_samples/prompts_heldout.jsonl > "$OUT/heldout.jsonl"
 
 echo "== 1. sft: $SFT_STEPS steps on data_samples/demonstrations.jsonl" >&2
 instruct sft data_samples/demonstrations.jsonl -o "$OUT/sft" --max-steps "$SFT_STEPS" -b 4 \
-  --eval-every 10 --save-every 10 --overwrite >/dev/null
+  --eval-every 8 --save-every 0 --overwrite -q >/dev/null
 
-echo "== 2. sample: $K responses to each of $PROMPTS held-out prompts" >&2
-instruct sample "$OUT/sft" -p "$OUT/heldout_prompts.jsonl" -n "$K" --max-new-tokens "$NEW_TOKENS" \
-  -o "$OUT/samples_sft.jsonl" >/dev/null
+echo "== 2. sample: $K answers of the SFT model to each of $PROMPTS training prompts" >&2
+instruct sample "$OUT/sft" -p "$OUT/prompts.jsonl" -n "$K" --temperature 1.0 --max-new-tokens "$NEW_TOKENS" \
+  -o "$OUT/samples.jsonl" -q >/dev/null
 
-echo "== 3. rm: $RM_STEPS steps on data_samples/comparisons.jsonl, from the sft model" >&2
-instruct rm data_samples/comparisons.jsonl --from "$OUT/sft" -o "$OUT/rm" --max-steps "$RM_STEPS" \
-  --max-len 256 --eval-every 6 --overwrite >/dev/null
+echo "== 3. label: ranked by the simulated labeler $LABELER (10 % adjacent swaps; it stands in for people:" \
+  "\`instruct label $OUT/samples.jsonl -o FILE\` lets you rank them yourself)" >&2
+rm -f "$OUT/rankings.jsonl" "$OUT/rankings.jsonl.skipped"
+instruct label "$OUT/samples.jsonl" -o "$OUT/rankings.jsonl" --judge "$LABELER" --noise 0.1 >/dev/null
 
-echo "== 4. ppo with ptx: $PPO_STEPS steps of $PPO_BATCH rollouts, kl 0.02, ptx-coef 27.8" >&2
-instruct ppo --policy "$OUT/sft" --reward "$OUT/rm" -p data_samples/prompts.jsonl \
-  --ptx-data data_samples/pretrain.jsonl --kl 0.02 --ptx-coef 27.8 --steps "$PPO_STEPS" \
-  --rollout-batch-size "$PPO_BATCH" --mini-batch-size "$PPO_BATCH" --ppo-epochs 1 \
-  --max-new-tokens "$NEW_TOKENS" -o "$OUT/ppo" --overwrite >/dev/null
+echo "== 4. rm: on those rankings, from the sft model ($RM_EPOCHS epochs)" >&2
+instruct rm "$OUT/rankings.jsonl" --from "$OUT/sft" -o "$OUT/rm" --epochs "$RM_EPOCHS" --eval-frac 0 \
+  --overwrite -q >/dev/null
+# the RM on answers to prompts it never saw: 2 fresh SFT answers per held-out prompt, ranked by the labeler
+instruct sample "$OUT/sft" -p "$OUT/heldout.jsonl" -n 2 --temperature 1.0 --max-new-tokens "$NEW_TOKENS" \
+  --seed 1 -o - -q | instruct score "$OUT/rm" - -o "$OUT/rm_fresh.jsonl" -q >/dev/null
 
-echo "== 5. sample from the PPO policy and score both sample sets" >&2
-instruct sample "$OUT/ppo" -p "$OUT/heldout_prompts.jsonl" -n "$K" --max-new-tokens "$NEW_TOKENS" \
-  -o "$OUT/samples_ppo.jsonl" >/dev/null
-instruct score "$OUT/rm" "$OUT/samples_sft.jsonl" -o "$OUT/scored_sft.jsonl" -q >/dev/null
-instruct score "$OUT/rm" "$OUT/samples_ppo.jsonl" -o "$OUT/scored_ppo.jsonl" -q >/dev/null
+echo "== 5. ppo: $PPO_STEPS steps of $PPO_BATCH rollouts against the rm (kl 0.02, plain PPO)" >&2
+instruct ppo --policy "$OUT/sft" --reward "$OUT/rm" -p "$OUT/prompts.jsonl" --ptx-coef 0 --steps "$PPO_STEPS" \
+  --rollout-batch-size "$PPO_BATCH" --mini-batch-size "$PPO_BATCH" \
+  --max-new-tokens "$NEW_TOKENS" -o "$OUT/ppo" --overwrite -q >/dev/null
+
+echo "== 6. compare: PPO against SFT on $HELDOUT held-out prompts, judged by the labeler (not the rm)" >&2
+instruct compare "$OUT/sft" "$OUT/ppo" -p "$OUT/heldout.jsonl" --judge "$LABELER" --max-new-tokens "$NEW_TOKENS" \
+  -o "$OUT/compare.jsonl" -q > "$OUT/compare.json"
+instruct eval "$OUT/ppo" -p "$OUT/heldout.jsonl" --max-new-tokens "$NEW_TOKENS" --overwrite -o "$OUT/eval_ppo" \
+  -q > /dev/null
 
 echo "== done in $(( $(date +%s) - start )) s" >&2
-python - "$OUT" <<'PY'
-import json, statistics, sys
-out = sys.argv[1]
-def mean_score(name):
-    return statistics.mean(s for line in open(f"{out}/{name}") for s in json.loads(line)["scores"])
-sft = json.load(open(f"{out}/sft/instruct.json"))["metrics"]
-rm = json.load(open(f"{out}/rm/instruct.json"))["metrics"]
+python - "$OUT" "$LABELER" <<'PY'
+import importlib.util, json, statistics, sys
+out, labeler = sys.argv[1], sys.argv[2]
+path, _, name = labeler.rpartition(":")
+spec = importlib.util.spec_from_file_location("labeler", path)
+mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+judge = getattr(mod, name)
+right = pairs = 0
+for line in open(f"{out}/rm_fresh.jsonl"):
+    r = json.loads(line)
+    (a, b), (sa, sb) = (judge(r["prompt"], x) for x in r["responses"]), r["scores"]
+    if a != b:
+        pairs, right = pairs + 1, right + ((a > b) == (sa > sb))
+cmp = json.load(open(f"{out}/compare.json"))["results"][0]
+rows = [json.loads(l) for l in open(f"{out}/compare.jsonl")]
+words = {k: statistics.mean(len(r["responses"][k].split()) for r in rows) for k in rows[0]["responses"]}
+ev = json.load(open(f"{out}/eval_ppo/summary.json"))["answers"]
 ppo = json.load(open(f"{out}/ppo/instruct.json"))["metrics"]
-print(f"sft:  {out}/sft   final loss {sft['loss']:.3f}, held-out loss {sft.get('eval_loss', float('nan')):.3f}")
-print(f"rm:   {out}/rm    held-out pairwise accuracy {rm.get('eval_accuracy', float('nan')):.3f}")
-print(f"ppo:  {out}/ppo   last rollout: score {ppo['score']:.3f}, KL to sft {ppo['kl']:.3f} nats/response")
-print(f"samples: {out}/samples_sft.jsonl, {out}/samples_ppo.jsonl (scored: {out}/scored_*.jsonl)")
-print(f"mean reward on held-out prompts: sft {mean_score('scored_sft.jsonl'):+.3f} -> ppo {mean_score('scored_ppo.jsonl'):+.3f}")
-row = json.loads(open(f"{out}/samples_ppo.jsonl").readline())
-print(f"first prompt: {row['prompt']}\nppo answer:   {row['responses'][0][:300]}")
+sft_key, ppo_key = list(rows[0]["responses"])
+print(f"rm accuracy on fresh answers to {len(rows)} unseen prompts (by the labeler): {right / max(pairs, 1):.3f} ({pairs} pairs)")
+print(f"| {'':34} | SFT ({out}/sft) | PPO ({out}/ppo) |")
+print(f"|{'-' * 36}|---|---|")
+print(f"| {'win rate vs SFT, judged by ' + name:34} | — | {cmp['win_rate']:.3f} [{cmp['ci95'][0]:.3f}, {cmp['ci95'][1]:.3f}] "
+      f"({cmp['wins']} wins, {cmp['ties']} ties, {cmp['losses']} losses) |")
+print(f"| {'KL to SFT (nats per answer)':34} | 0 | {ev['kl']['mean']:.2f} [{ev['kl']['ci95'][0]:.2f}, {ev['kl']['ci95'][1]:.2f}] |")
+print(f"| {'answer length (words)':34} | {words[sft_key]:.1f} | {words[ppo_key]:.1f} |")
+print(f"| {'answers cut off at the token cap':34} | — | {ev['no_eos']:.0%} |")
+print(f"| {'rm score, last rollouts (RM-judged)':34} | — | {ppo['score']:+.3f} |")
+print(f"answers: {out}/compare.jsonl; rankings: {out}/rankings.jsonl")
 PY

@@ -1,5 +1,5 @@
-"""Slow: the README's main command (scripts/demo.sh: sft -> sample -> rm -> ppo -> sample -> score, the real
-CLI) on the embedded model, at tiny sizes."""
+"""Slow: the README's main command (scripts/demo.sh: sft -> sample K -> label by the simulated labeler -> rm ->
+ppo -> compare by the labeler, the real CLI) on the embedded model, at tiny sizes."""
 
 import json
 import os
@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_demo_script_on_the_embedded_model(tmp_path):
-    env = {**os.environ, "DEMO_OUT": str(tmp_path / "demo"), "DEMO_SFT_STEPS": "2", "DEMO_PROMPTS": "2",
-           "DEMO_K": "2", "DEMO_NEW_TOKENS": "8", "DEMO_RM_STEPS": "1", "DEMO_PPO_STEPS": "1",
-           "DEMO_PPO_BATCH": "2", "VIRTUAL_ENV": sys.prefix,
+    env = {**os.environ, "DEMO_OUT": str(tmp_path / "demo"), "DEMO_SFT_STEPS": "2", "DEMO_PROMPTS": "4",
+           "DEMO_K": "3", "DEMO_NEW_TOKENS": "8", "DEMO_RM_EPOCHS": "1", "DEMO_PPO_STEPS": "1",
+           "DEMO_PPO_BATCH": "2", "DEMO_HELDOUT": "3", "VIRTUAL_ENV": sys.prefix,
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     r = subprocess.run(["bash", str(ROOT / "scripts/demo.sh")], capture_output=True, text=True, env=env,
                        timeout=1200)
@@ -25,10 +25,15 @@ def test_demo_script_on_the_embedded_model(tmp_path):
     demo = tmp_path / "demo"
     man = json.loads((demo / "sft/instruct.json").read_text())
     assert man["base_model"]["source"] == "default" and man["metrics"]["step"] == 2 and man["data"]["rows"] >= 200
-    assert json.loads((demo / "rm/instruct.json").read_text())["merged"] == [str((demo / "sft").resolve())]
+    samples = [json.loads(l) for l in (demo / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(len(s["responses"]) == len(s["ended"]) == 3 for s in samples)
+    rankings = [json.loads(l) for l in (demo / "rankings.jsonl").read_text().splitlines()]
+    assert rankings and all(sorted(set(x["ranks"]))[0] == 1 and "ended" in x for x in rankings)  # on-policy rows
+    rm = json.loads((demo / "rm/instruct.json").read_text())
+    assert rm["merged"] == [str((demo / "sft").resolve())] and rm["data"]["rows"] == len(rankings)
     ppo = json.loads((demo / "ppo/instruct.json").read_text())
-    assert ppo["stage"] == "ppo" and ppo["config"]["ptx_coef"] == 27.8 and ppo["metrics"]["step"] == 1
-    for name in ("scored_sft.jsonl", "scored_ppo.jsonl"):
-        rows = [json.loads(l) for l in (demo / name).read_text().splitlines()]
-        assert len(rows) == 2 and all(len(x["scores"]) == 2 for x in rows)
-    assert "mean reward on held-out prompts: sft " in r.stdout and "KL to sft" in r.stdout
+    assert ppo["stage"] == "ppo" and ppo["config"]["ptx_coef"] == 0 and ppo["metrics"]["step"] == 1
+    cmp = json.loads((demo / "compare.json").read_text())
+    assert cmp["judge"] == "data_samples/labeler.py:prefer" and cmp["prompts"] == 3
+    assert "win rate vs SFT, judged by prefer" in r.stdout and "KL to SFT" in r.stdout
+    assert "rm accuracy on fresh answers to 3 unseen prompts" in r.stdout

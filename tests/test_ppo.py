@@ -125,11 +125,12 @@ def test_reward_model_path_value_initialised_from_rm(setup, tiny_dir, tmp_path, 
     rm_cfg = dict(data=str(cmp), quiet=True, train=C.TrainConfig(max_steps=2, batch_size=4, eval_frac=0))
     rm_dir = rm.train(C.RMConfig(out=str(tmp_path / "rm"), model=C.ModelConfig(model=str(sft_dir)), **rm_cfg))
     m, rm_source = models.ppo_models(models.resolve(str(sft_dir)), str(rm_dir), C.ModelConfig(), "cpu")
-    assert torch.equal(m.value_head.weight, m.reward.head.weight) and m.reward.bias != 0.0
-    # PPO's scores are raw - bias: the value head starts on that scale (its bias is the score head's - bias)
-    assert m.value_head.bias.item() == pytest.approx(m.reward.head.bias.item() - m.reward.bias, abs=1e-6)
+    assert torch.allclose(m.value_head.weight, m.reward.head.weight * m.reward.scale) and m.reward.bias != 0.0
+    # PPO's scores are (raw - bias) x scale: the value head starts on that scale
+    assert m.reward.scale > 0 and m.reward.scale != 1.0
     h = torch.randn(3, m.value_head.in_features)
-    assert torch.allclose(m.value_head(h).squeeze(-1), m.reward.head(h).squeeze(-1) - m.reward.bias, atol=1e-5)
+    want = (m.reward.head(h).squeeze(-1) - m.reward.bias) * m.reward.scale
+    assert torch.allclose(m.value_head(h).squeeze(-1), want, atol=1e-5)
     policy, value = m.param_groups()
     assert policy and all(p.requires_grad for p in policy) and any(p is m.value_head.weight for p in value)
     assert {id(p) for p in policy}.isdisjoint(id(p) for p in value)
@@ -229,21 +230,26 @@ def test_ppo_scores_the_tokens_as_sampled_so_a_cut_off_answer_has_no_end_of_turn
     assert any(ids[-1] != eot for ids in scored), "with 3 new tokens, some answers are cut off"
 
 
-def test_mean_pooled_rm_and_its_value_head_agree_at_the_start(setup, tmp_path):
-    """With --pool mean the score head reads the end-of-turn state and the response's mean; the value head,
-    copied from it, reads the same features of each prefix, so at PPO's start the value at an answer's last
-    token is the RM's (normalised) score of that answer."""
+@pytest.mark.parametrize("layer", [0, 1])
+def test_mean_pooled_rm_and_its_value_head_agree_at_the_start(setup, tmp_path, layer):
+    """With --pool mean the score head reads the end-of-turn state and the response's mean (with --score-layer,
+    after the first layers only); the value head, copied from it, reads the same features of each prefix, so
+    at PPO's start the value at an answer's last token is the RM's (normalised) score of that answer."""
     from instructcli import rm
 
     d, sft_dir, prompts, _ = setup
     cmp = write_jsonl(tmp_path / "c.jsonl", [{"prompt": f"Q{i}?", "responses": ["yes yes", "no", "maybe so"],
                                               "ranks": [1, 3, 2]} for i in range(8)])
     rm_dir = rm.train(C.RMConfig(data=str(cmp), out=str(tmp_path / "rm"), quiet=True, pool="mean", head_lr=1e-2,
+                                 score_depth=0.5 if layer else 1.0,
                                  model=C.ModelConfig(model=str(sft_dir)),
                                  train=C.TrainConfig(max_steps=3, batch_size=4, eval_frac=0)))
     assert json.loads((rm_dir / "instruct.json").read_text())["config"]["pool"] == "mean"
     m, _ = models.ppo_models(models.resolve(str(sft_dir)), str(rm_dir), C.ModelConfig(), "cpu")
     m.eval()  # as ppo runs it: the RM's adapter was trained with dropout
+    assert m.reward.layers == m.layers == layer
+    if layer:  # the reward adapter lives only where the head reads: the first layer
+        assert {n.split(".layers.")[1].split(".")[0] for n, _ in m.lm.named_parameters() if ".reward." in n} == {"0"}
     assert m.reward.head.in_features == m.value_head.in_features == 2 * m.lm.config.hidden_size
     tok = models.load_tokenizer(models.resolve(str(sft_dir)))
     q = data.encode_prompt(tok, [{"role": "user", "content": "Q1?"}])
@@ -253,8 +259,11 @@ def test_mean_pooled_rm_and_its_value_head_agree_at_the_start(setup, tmp_path):
         m.use(models.REWARD)
         score = m.reward.score(ids, mask, starts)
         m.use(models.VALUE)
-        h = models.hidden_states(m.lm, ids, mask).float()
+        h = models.hidden_states(m.lm, ids, mask, layers=layer).float()
         values = m.value_head(models.score_features(h, mask, starts, "mean")).squeeze(-1)
+        full = models.hidden_states(m.lm, ids, mask).float()
     assert values[0, -1].item() == pytest.approx(score.item(), abs=1e-4)
+    assert len(m.lm.get_base_model().get_decoder().layers) == 2  # the shared base is whole again
+    assert layer == 0 or not torch.allclose(h, full)  # read after the first layer, not the last
     out = ppo.train(cfg(setup, tmp_path / "ppo", reward=str(rm_dir), steps=1, model=C.ModelConfig()))
     assert metrics(out)[-1]["value_loss"] >= 0

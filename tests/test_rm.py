@@ -53,13 +53,10 @@ def test_normalisation_makes_the_reference_mean_zero(rm_dir):
     model, tok, man = models.load_reward_model(str(out), ModelConfig(), "cpu")
     assert man["reward_norm"]["bias"] != 0.0
     # the default reference: best-ranked responses of the training split
-    examples = [(data.encode_responses(tok, c.messages, c.responses, 512, "truncate", data.OverflowStats(), ""),
-                 c.ranks) for c in data.load(str(cmp_path), "comparisons").records]
-    train_idx, _ = data.split(len(examples), 0.2, 0)
-    best = [examples[i][0][examples[i][1].index(1)] for i in train_idx]
-    with torch.no_grad():
-        scores = torch.cat([model.score(**{k: v for k, v in data.collate_sequences(best[b:b + 16], tok.pad_token_id)
-                                          .items()}) for b in range(0, len(best), 16)])
+    rows = data.load(str(cmp_path), "comparisons").records
+    train_idx, _ = data.split(len(rows), 0.2, 0)
+    best = [(rows[i].messages, rows[i].responses[rows[i].ranks.index(1)]) for i in train_idx]
+    scores = torch.tensor([models.reward_scores(model, tok, m, [r], 512)[0] for m, r in best])
     assert man["reward_norm"]["n"] == len(best)
     assert abs(scores.mean().item()) < 1e-4
 
@@ -68,11 +65,13 @@ def test_head_reads_the_last_real_token_under_left_and_right_padding(rm_dir):
     out, _ = rm_dir
     model, tok, _ = models.load_reward_model(str(out), ModelConfig(), "cpu")
     a, b = [5, 6, 7, 8, 9, 10], [11, 12]
+    assert model.pool == "mean"  # the default: the response's mean too, from where each response starts
     with torch.no_grad():
-        alone = [model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item() for s in (a, b)]
-        for side in ("right", "left"):
+        alone = [model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long), torch.tensor([1])).item()
+                 for s in (a, b)]
+        for side, starts in (("right", [1, 1]), ("left", [1, 5])):  # left padding moves b's start by 4
             batch = data.collate_sequences([a, b], tok.pad_token_id, side)
-            got = model(batch["input_ids"], batch["attention_mask"]).tolist()
+            got = model(batch["input_ids"], batch["attention_mask"], torch.tensor(starts)).tolist()
             assert got == pytest.approx(alone, abs=1e-5), side
 
 
@@ -144,3 +143,17 @@ def test_a_cut_off_answer_is_read_without_the_end_of_turn_token(rm_dir, tiny_dir
     a, b = models.reward_scores(model, tok, msgs, ["yes yes sun"] * 2, ended=[True, False])
     assert a != pytest.approx(b, abs=1e-4)
     assert models.reward_scores(model, tok, msgs, ["yes yes sun"])[0] == pytest.approx(a, abs=1e-5)
+
+
+def test_normalisation_gives_the_training_responses_unit_spread(rm_dir):
+    """(raw - bias) x scale: the reference scores 0 on average and the training responses (the policy's own
+    samples when the rankings are on-policy) have std 1, so --kl means the same against any RM."""
+    out, cmp_path = rm_dir
+    model, tok, man = models.load_reward_model(str(out), ModelConfig(), "cpu")
+    rows = data.load(str(cmp_path), "comparisons").records
+    train_idx, _ = data.split(len(rows), 0.2, 0)
+    scores = []
+    for i in train_idx:
+        scores += models.reward_scores(model, tok, rows[i].messages, rows[i].responses, 512)
+    assert man["reward_norm"]["scale"] == pytest.approx(model.scale) and model.scale != 1.0
+    assert torch.tensor(scores).std().item() == pytest.approx(1.0, abs=1e-3)

@@ -186,3 +186,13 @@ def test_loss_at_labelled_positions_only_equals_the_full_logits_loss(tiny_dir, t
     assert part.item() == pytest.approx(full.item(), rel=1e-5)
     for a, b in zip(g_full, g_part):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_layers_adapts_only_the_top_layers(tiny_dir, cli, demos, tmp_path):
+    from instructcli.config import ModelConfig
+
+    model = models.trainable_model(models.resolve(str(tiny_dir)), ModelConfig(lora_layers=1), "cpu")
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {"1"}  # of layers 0 and 1
+    r = cli("sft", demos, "-o", tmp_path / "x", "--model", tiny_dir, "--lora-layers", 3, "--max-steps", 1)
+    assert r.code == 2 and "--lora-layers: expected 0 (all) to 2" in r.err and not (tmp_path / "x.partial").exists()
