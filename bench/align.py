@@ -67,6 +67,14 @@ def rm_accuracy(scored: Path, rule) -> tuple[float, int, int]:
     return right / max(pairs, 1), pairs, len(rows(scored))
 
 
+def no_longer(answers: list[dict], base: str, other: str) -> tuple[float, int]:
+    """The win rate (ties half) on the prompts where `other`'s answer has no more words than `base`'s: a gain
+    that is only length does not show here. Returns (win rate, prompts)."""
+    o = [r["outcomes"][other] for r in answers
+         if len(r["responses"][other].split()) <= len(r["responses"][base].split())]
+    return (sum(o) / len(o) if o else float("nan")), len(o)
+
+
 def summary(eval_dir: Path) -> dict:
     return json.loads((eval_dir / "summary.json").read_text())
 
@@ -87,6 +95,7 @@ def main() -> None:
     ap.add_argument("--ptx", action="store_true", help="also PPO-ptx (--ptx-coef 27.8)")
     ap.add_argument("--rm-args", default="", help="extra flags for instruct rm (defaults otherwise)")
     ap.add_argument("--ppo-args", default="", help="extra flags for instruct ppo (defaults otherwise)")
+    ap.add_argument("--results", default="results.json", help="file in OUT the figures are written to")
     ap.add_argument("--reuse", action="store_true", help="keep the run dirs an earlier run of this benchmark "
                     "finished in OUT (same flags), e.g. to add --ptx afterwards")
     a = ap.parse_args()
@@ -117,7 +126,7 @@ def main() -> None:
               "--seed", a.seed, "--overwrite", "-o", out / "eval_sft", "-q")
     sft_eval = summary(out / "eval_sft")
 
-    results_path = out / "results.json"
+    results_path = out / a.results
     earlier = json.loads(results_path.read_text())["results"] if a.reuse and results_path.exists() else []
     results = []
     for name in a.rules.split(","):
@@ -162,8 +171,10 @@ def main() -> None:
                       a.new_tokens, "--seed", a.seed, "--overwrite", "-o", ev, "-q")
             s, c = summary(ev), next(r for r in cmp["results"] if r["model"] == str(d / pol))
             m = json.loads((d / pol / "instruct.json").read_text())["metrics"]
+            short = no_longer(answers, str(sft), str(d / pol))
             res["policies"][pol] = {
                 "win_rate": c["win_rate"], "ci95": c["ci95"], "wins": c["wins"], "ties": c["ties"],
+                "win_rate_not_longer": short[0], "prompts_not_longer": short[1],
                 "losses": c["losses"], "kl": s["answers"]["kl"]["mean"],
                 "response_tokens": s["answers"]["response_len"],
                 "no_eos": s["answers"]["no_eos"], "words": statistics.mean(words[str(d / pol)]),
@@ -179,14 +190,16 @@ def main() -> None:
                                                        "args": vars(a)}, indent=1))
     print(f"sft: held-out LM loss {sft_eval['lm']['loss']:.4f}, {sft_eval['answers']['response_len']:.1f} tokens, "
           f"no EOS {sft_eval['answers']['no_eos']:.2f}")
-    print("| rule | RM acc, fresh samples (pairs, prompts) | policy | win rate vs SFT by the rule [95% CI] | "
-          "KL (nats) | tokens (no EOS) | words (SFT) | LM loss (SFT) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| rule | RM acc, fresh samples (pairs, prompts) | policy | win rate vs SFT by the rule [95% CI] "
+          "(W-T-L) | same, answers no longer than SFT's (prompts) | KL (nats) | tokens (no EOS) | words (SFT) | "
+          "LM loss (SFT) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         for pol, p in r["policies"].items():
             print(f"| {r['rule']} | {r['rm_accuracy_fresh']:.3f} ({r['rm_pairs']}, {r['rm_prompts']}) | {pol} | "
                   f"{p['win_rate']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}] ({p['wins']}-{p['ties']}-"
-                  f"{p['losses']}) | {p['kl']:.2f} | {p['response_tokens']:.1f} ({p['no_eos']:.2f}) | "
+                  f"{p['losses']}) | {p['win_rate_not_longer']:.3f} ({p['prompts_not_longer']}) | "
+                  f"{p['kl']:.2f} | {p['response_tokens']:.1f} ({p['no_eos']:.2f}) | "
                   f"{p['words']:.1f} ({r['sft_words']:.1f}) | {p['lm_loss']:.4f} ({sft_eval['lm']['loss']:.4f}) |")
     print(f"total {(time.time() - t_all) / 60:.1f} min; stages (s): " +
           ", ".join(f"{k} {v:.0f}" for k, v in times.items()))

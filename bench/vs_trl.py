@@ -46,6 +46,9 @@ PEER = ROOT / "bench" / ".venv-trl"
 # 1.13.0 ships none. Its own requirement is transformers>=4.56.2: pinned to ours so both sides run the same
 # modeling and generate() code. torch is ours too, installed first.
 PEER_PPO = ROOT / "bench" / ".venv-trl-ppo"
+# TRL's reward model reads the last token after every layer: so does ours here (its defaults read half the
+# layers and pool the response), so that both sides do the same arithmetic
+SAME_WORK_AS_TRL = ["--pool", "last", "--score-depth", 1.0, "--head-lr", 0]
 PEER_PPO_PINS = ["trl==1.12.0", "transformers==5.24.0", "peft==0.21.2", "accelerate==1.15.0", "datasets==5.2.0"]
 
 
@@ -101,7 +104,7 @@ def ppo_row(a, tmp: Path, model_dir: str) -> dict:
     run_ours(["sft", ROOT / "data_samples" / "demonstrations.jsonl", "-m", "default", "-o", tmp / "ppo_sft", "--lr",
               2e-4, *quick])
     run_ours(["rm", ROOT / "data_samples" / "comparisons.jsonl", "--from", tmp / "ppo_sft", "-o", tmp / "ppo_rm",
-              "--lr", 1e-4, *quick])
+              "--lr", 1e-4, *SAME_WORK_AS_TRL, *quick])
     prompts = ROOT / "data_samples" / "prompts.jsonl"
     load = [os.getloadavg()[0]]  # 1-minute load average before and after each side: other work skews a shared CPU
     run_ours(["ppo", "--policy", tmp / "ppo_sft", "--reward", tmp / "ppo_rm", "-p", prompts, "-o", tmp / "ppo",
@@ -211,7 +214,7 @@ def main() -> None:
             if k == 9:
                 data = tmp / "k9.jsonl"
                 k9_rankings(data, a.batch * (a.steps + 1))
-            run_ours(["rm", data, "-o", tmp / what, "--lr", 1e-4, *common])
+            run_ours(["rm", data, "-o", tmp / what, "--lr", 1e-4, *SAME_WORK_AS_TRL, *common])
             m = ours_metrics(tmp / what)
             pairs = k * (k - 1) // 2 * a.batch  # no ties in either file
             ours = pairs * len(m) / sum(a.batch * k / r["responses_per_s"] for r in m)
