@@ -56,7 +56,8 @@ def rm_accuracy(scored: Path, rule) -> tuple[float, int, int]:
     """Pairwise accuracy of the RM's scores against the rule's (noise-free) order on fresh samples: pairs the
     rule does not tie. Returns (accuracy, pairs, prompts)."""
     right = pairs = 0
-    for r in rows(scored):
+    scored_rows = rows(scored)
+    for r in scored_rows:
         truth = [rule(r["prompt"], x) for x in r["responses"]]
         for i in range(len(truth)):
             for j in range(i + 1, len(truth)):
@@ -64,7 +65,7 @@ def rm_accuracy(scored: Path, rule) -> tuple[float, int, int]:
                     continue
                 pairs += 1
                 right += (truth[i] > truth[j]) == (r["scores"][i] > r["scores"][j])
-    return right / max(pairs, 1), pairs, len(rows(scored))
+    return right / max(pairs, 1), pairs, len(scored_rows)
 
 
 def no_longer(answers: list[dict], base: str, other: str) -> tuple[float, int]:

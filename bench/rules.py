@@ -7,14 +7,16 @@ different tastes, one each for tone, format and content, so that nothing in benc
 taste; none of them is "longer is better".
 """
 
-import re
+import importlib.util
+from pathlib import Path
 
-_WORD = re.compile(r"[a-z0-9']+")
-_STOP = set("""a an and are as at be but by can could do does for from had has have how i if in into is it its
-just may me more most my no not now of on one or our out so some such than that the their them then there these
-they this those to up us was we were what when where which while who why will with would you your about after
-also any been before both each few here him his her how like make many much only other over own same she should
-very write short tell give please using use""".split())
+# the word splitter, stop list and parroting measure of the main command's labeler, shared with these rules
+_spec = importlib.util.spec_from_file_location("instruct_labeler", Path(__file__).resolve().parent.parent /
+                                               "data_samples" / "labeler.py")
+_labeler = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_labeler)
+_words, _STOP, copied = _labeler.words, _labeler.STOP, _labeler.copied
+
 _WARM = {"happy", "glad", "love", "lovely", "enjoy", "enjoyed", "wonderful", "great", "hope", "delight",
          "delighted", "thank", "thanks", "please", "warm", "fun", "welcome", "cheerful", "kind", "joy", "smile",
          "good", "nice", "beautiful", "best", "bright", "sweet", "gentle", "perfect", "amazing", "fantastic",
@@ -22,10 +24,6 @@ _WARM = {"happy", "glad", "love", "lovely", "enjoy", "enjoyed", "wonderful", "gr
          "care", "together", "exciting", "excited", "treat", "magical", "delicious", "comfort", "cheers"}
 _COLD = {"sorry", "unfortunately", "cannot", "can't", "unable", "however", "must", "never", "don't", "won't",
          "bad", "wrong", "terrible", "dark", "fear", "afraid", "angry", "sad", "hate", "death", "dead", "kill"}
-
-
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
 
 
 def length(prompt: str, response: str) -> float:
@@ -38,21 +36,6 @@ def concise(prompt: str, response: str) -> float:
     n = len(_words(response))
     finished = response.rstrip().endswith((".", "!", "?", '"', "'", ")", "*"))
     return float(finished) - max(0, n - 35) / 15 - max(0, 12 - n) / 6
-
-
-def copied(prompt: str, response: str) -> float:
-    """The share of the answer's 4-word runs that repeat the prompt or an earlier part of the answer: parroting."""
-    said = _words(response)
-    grams = [tuple(said[i:i + 4]) for i in range(len(said) - 3)]
-    if not grams:
-        return 0.0
-    p = _words(prompt)
-    seen = {tuple(p[i:i + 4]) for i in range(len(p) - 3)}
-    hits = 0
-    for g in grams:
-        hits += g in seen
-        seen.add(g)
-    return hits / len(grams)
 
 
 def on_topic(prompt: str, response: str) -> float:

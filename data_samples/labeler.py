@@ -12,16 +12,22 @@ copied from the prompt or repeated count against). It never sees the reward mode
 import re
 
 _WORD = re.compile(r"[a-z0-9']+")
-_STOP = set("""a an and are as at be but by can could do does for from had has have how i if in into is it its
+STOP = set("""a an and are as at be but by can could do does for from had has have how i if in into is it its
 just may me more most my no not now of on one or our out so some such than that the their them then there these
 they this those to up us was we were what when where which while who why will with would you your about after
 also any been before both each few here him his her like make many much only other over own same she should
-very write short tell give please using use""".split())
+very write short tell give please using use""".split())  # words that say nothing about a prompt's topic
 
 
-def _copied(prompt: str, said: list[str]) -> float:
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def copied(prompt: str, response: str) -> float:
+    """The share of the answer's 4-word runs that repeat the prompt or an earlier part of the answer: parroting."""
+    said = words(response)
     grams = [tuple(said[i:i + 4]) for i in range(len(said) - 3)]
-    p = _WORD.findall(prompt.lower())
+    p = words(prompt)
     seen, hits = {tuple(p[i:i + 4]) for i in range(len(p) - 3)}, 0
     for g in grams:
         hits += g in seen
@@ -30,9 +36,9 @@ def _copied(prompt: str, said: list[str]) -> float:
 
 
 def prefer(prompt: str, response: str) -> float:
-    said = _WORD.findall(response.lower())
+    said = words(response)
     finished = response.rstrip().endswith((".", "!", "?", '"', "'", ")"))
-    asked = {w for w in _WORD.findall(prompt.lower()) if len(w) > 3 and w not in _STOP}
+    asked = {w for w in words(prompt) if len(w) > 3 and w not in STOP}
     on_topic = len(asked & set(said)) / len(asked) if asked else 0.0
     n = len(said)
-    return float(finished) + on_topic - _copied(prompt, said) - max(0, n - 35) / 15 - max(0, 12 - n) / 6
+    return float(finished) + on_topic - copied(prompt, response) - max(0, n - 35) / 15 - max(0, 12 - n) / 6

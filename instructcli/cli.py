@@ -242,9 +242,7 @@ def rm(
     print_config: PrintConfigOpt = False,
 ):
     p = dict(ctx.params)
-    _check("pool", pool, C.POOLS)
-    if not 0 < score_depth <= 1:
-        raise InstructError(f"--score-depth: must be in (0, 1], got {score_depth}", 2)
+    C.check_reading(pool, score_depth)
     if from_dir and model != "default":
         raise InstructError("give --from (an sft run dir) or --model, not both", 2)
     p["model"] = from_dir or model

@@ -27,6 +27,13 @@ def check_sampling(temperature: float, top_p: float, zero_ok: bool = True) -> No
                             f"{temperature} and {top_p}", 2)
 
 
+def check_reading(pool: str, score_depth: float) -> None:
+    """What a reward model's head reads (--pool, --score-depth), from the CLI or a config built in Python."""
+    check_choice("pool", pool, POOLS)
+    if not 0 < score_depth <= 1:
+        raise InstructError(f"--score-depth: must be in (0, 1], got {score_depth}", 2)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str = "default"  # "default" (embedded SmolLM2-135M-Instruct), hub id, local dir, .gguf file or a run dir

@@ -370,13 +370,19 @@ def lineage(source: Source) -> dict:
     }
 
 
-def lora_config(mc: ModelConfig, model, bottom: int = 0):
-    """LoRA on mc's targets, in every layer, the top mc.lora_layers, or (bottom > 0) the first `bottom` layers:
-    a reward model read after its first layers has nothing to adapt above them."""
+def score_layers(depth: float, num_layers: int) -> int:
+    """How many decoder layers a reward model read at `depth` (a share of the layers) runs; 0 = all."""
+    return 0 if depth >= 1 else max(1, round(depth * num_layers))
+
+
+def lora_config(mc: ModelConfig, model, read_depth: float = 1.0):
+    """LoRA on mc's targets, in every layer, the top mc.lora_layers, or, for a reward model read at
+    `read_depth` < 1, the layers below that depth: there is nothing to adapt above where the head reads."""
     from peft import LoraConfig
 
     targets = mc.lora_targets if mc.lora_targets == "all-linear" else [t.strip() for t in mc.lora_targets.split(",")]
     num_layers = model.config.num_hidden_layers
+    bottom = score_layers(read_depth, num_layers)
     if (mc.lora_layers or bottom) and targets == "all-linear":  # peft takes a layer subset only with named modules
         targets = sorted({n.removesuffix(".base_layer").rsplit(".", 1)[-1] for n, m in model.named_modules()
                           if isinstance(m, torch.nn.Linear) and ".layers." in n and ".lora_" not in n})
@@ -389,9 +395,9 @@ def lora_config(mc: ModelConfig, model, bottom: int = 0):
                       layers_to_transform=which, task_type="CAUSAL_LM", bias="none")
 
 
-def trainable_model(source: Source, mc: ModelConfig, device: str, bottom: int = 0):
+def trainable_model(source: Source, mc: ModelConfig, device: str, read_depth: float = 1.0):
     """A model to train: base + fresh LoRA (or all weights with --full). Pass `source.as_base()` to train on
-    top of a run dir: its adapter is then merged into the base. `bottom`: see lora_config."""
+    top of a run dir: its adapter is then merged into the base. `read_depth`: see lora_config."""
     assert source.run_dir is None or (source.manifest or {}).get("full"), "pass source.as_base()"
     model = load_base(source, mc, device)
     if mc.full:
@@ -401,7 +407,7 @@ def trainable_model(source: Source, mc: ModelConfig, device: str, bottom: int = 
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, lora_config(mc, model, bottom))
+        return get_peft_model(model, lora_config(mc, model, read_depth))
     except ValueError as e:
         raise InstructError(f"--lora-targets {mc.lora_targets}: {e}", 2) from None
 
@@ -708,6 +714,7 @@ def environment() -> dict:
     import torch
 
     device = pick_device()
+    kernel = four_bit_path(device)
     try:
         gguf = str(embedded_gguf())
     except InstructError as e:
@@ -724,10 +731,9 @@ def environment() -> dict:
         "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE") == "1",
         "quant_8bit": quant_works("8bit", device),
         "quant_4bit": quant_works("4bit", device),
-        "quant_4bit_kernel": four_bit_path(device) + (
+        "quant_4bit_kernel": kernel + (
             f" (4-bit layers need out width % {PACK_BLOCK_N} == 0 and in width % {QUANT_BLOCK} == 0; "
-            "others stay unquantized)"
-            if four_bit_path(device) == FOUR_BIT_PACKED else ""),
+            "others stay unquantized)" if kernel == FOUR_BIT_PACKED else ""),
     }
 
 
@@ -1117,11 +1123,9 @@ class RewardModel(torch.nn.Module):
 def new_reward_model(source: Source, mc: ModelConfig, device: str, pool: str = "last", depth: float = 1.0):
     """Base (+ LoRA, on the layers below where the head reads) + a fresh scalar head, to train. The head reads
     after round(depth x layers) decoder layers (at least 1; all at depth 1)."""
-    n = _config_layers(source, mc)
-    layers = 0 if depth >= 1 else max(1, round(depth * n))
-    lm = trainable_model(source, mc, device, bottom=layers)
+    lm = trainable_model(source, mc, device, read_depth=depth)
     lm.config.use_cache = False
-    rm = RewardModel(lm, lm.config.hidden_size, pool, layers).to(device)
+    rm = RewardModel(lm, lm.config.hidden_size, pool, score_layers(depth, lm.config.num_hidden_layers)).to(device)
     return rm
 
 
@@ -1129,13 +1133,6 @@ def normalisation(manifest: dict) -> tuple[float, float]:
     """An rm run dir's (bias, scale): its scores are (raw - bias) * scale."""
     norm = manifest.get("reward_norm") or {}
     return float(norm.get("bias", 0.0)), float(norm.get("scale", 1.0))
-
-
-def _config_layers(source: Source, mc: ModelConfig) -> int:
-    from transformers import AutoConfig
-
-    where = merged_base(source) if source.merged else source.base
-    return AutoConfig.from_pretrained(where, trust_remote_code=mc.trust_remote_code).num_hidden_layers
 
 
 def reward_reading(manifest: dict) -> tuple[str, int]:

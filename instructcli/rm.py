@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from instructcli import console, data, models, parallel, rlhf
-from instructcli.config import POOLS, ModelConfig, RMConfig, check_choice, to_dict
+from instructcli.config import ModelConfig, RMConfig, check_reading, to_dict
 from instructcli.errors import InstructError
 
 MAX_BAD_STEPS = 5
@@ -68,7 +68,7 @@ def train(cfg: RMConfig) -> Path:
     # 2. model: base (with --from merged in) + LoRA + scalar head
     models.seed_everything(t.seed)
     device = models.pick_device()
-    check_choice("pool", cfg.pool, POOLS)
+    check_reading(cfg.pool, cfg.score_depth)
     model = models.new_reward_model(source.as_base(), mc, device, cfg.pool, cfg.score_depth)
     params = [p for p in model.parameters() if p.requires_grad]
     head = [p for p in model.head.parameters() if p.requires_grad]

@@ -46,6 +46,10 @@ def err(tmp_path, kind, line, name="d.jsonl"):
     ("comparisons", json.dumps({"prompt": "x", "responses": ["a", ""], "ranks": [1, 2]}), "F:1: responses[1]: empty string"),
     ("pretraining", json.dumps({"txt": "x"}), "F:1: text: missing"),
     ("samples", json.dumps({"prompt": "x", "responses": "y"}), "F:1: responses: expected an array, got string"),
+    ("samples", json.dumps({"prompt": "x", "responses": ["a", "b"], "ended": [True]}),
+     "F:1: ended: expected an array of 2 booleans (one per response), got [true]"),
+    ("comparisons", json.dumps({"prompt": "x", "responses": ["a", "b"], "ranks": [1, 2], "ended": [1, 0]}),
+     "F:1: ended: expected an array of 2 booleans"),
 ])
 def test_each_error_kind_names_file_line_and_field(tmp_path, kind, row, expected):
     assert err(tmp_path, kind, row).startswith(expected)

@@ -157,3 +157,18 @@ def test_normalisation_gives_the_training_responses_unit_spread(rm_dir):
         scores += models.reward_scores(model, tok, rows[i].messages, rows[i].responses, 512)
     assert man["reward_norm"]["scale"] == pytest.approx(model.scale) and model.scale != 1.0
     assert torch.tensor(scores).std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_bad_pool_and_score_depth_exit_2_before_anything_is_written(cli, tiny_dir, tmp_path):
+    cmp = write_jsonl(tmp_path / "c.jsonl", comparisons(4))
+    for flags, msg in ((["--pool", "max"], "--pool: expected one of last | mean, got 'max'"),
+                       (["--score-depth", 0], "--score-depth: must be in (0, 1], got 0.0"),
+                       (["--score-depth", 1.5], "--score-depth: must be in (0, 1], got 1.5")):
+        r = cli("rm", cmp, "-o", tmp_path / "rm", "--model", tiny_dir, *flags)
+        assert r.code == 2 and r.err.strip() == f"error: {msg}" and not (tmp_path / "rm.partial").exists(), r
+    from instructcli import config as C
+
+    with pytest.raises(Exception, match="--score-depth"):  # a config built in Python too
+        rm.train(C.RMConfig(data=str(cmp), out=str(tmp_path / "py"), score_depth=-1.0,
+                            model=C.ModelConfig(model=str(tiny_dir))))
+    assert not (tmp_path / "py.partial").exists()
