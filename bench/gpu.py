@@ -58,11 +58,11 @@ def build(a) -> None:
 
 
 def mfu(a) -> None:
-    """Full bf16 fine-tuning steps of a random model through models.lm_loss_sum: tokens/s and MFU
+    """Full bf16 fine-tuning steps of a random model through forward.lm_loss_sum: tokens/s and MFU
     (6 x parameters x tokens / time / the GPU's dense bf16 peak)."""
     from transformers import AutoModelForCausalLM
 
-    from instructcli import models
+    from instructcli import forward
 
     cfg, _ = config(a.shape, a.tokenizer)
     with torch.device("cuda"):
@@ -79,7 +79,7 @@ def mfu(a) -> None:
     for i in range(a.steps + 2):
         torch.cuda.synchronize()
         t0 = time.time()
-        loss, k = models.lm_loss_sum(model, ids, attn, labels)
+        loss, k = forward.lm_loss_sum(model, ids, attn, labels)
         (loss / k).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

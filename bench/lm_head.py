@@ -3,7 +3,7 @@
     python bench/lm_head.py [--model default] [--batch 4] [--reps 5]
 
 SFT: forward + backward of one micro-batch of data_samples/demonstrations.jsonl, full logits
-(rlhf.lm_loss_sum(model(...).logits)) vs models.lm_loss_sum (labelled positions only). PPO: log-probs of 48
+(rlhf.lm_loss_sum(model(...).logits)) vs forward.lm_loss_sum (labelled positions only). PPO: log-probs of 48
 response tokens after a ~96-token prompt, full logits vs logits_to_keep. The two variants alternate in one
 process, so machine load hits both alike; prints medians and the ratio.
 """
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from instructcli import data, models, rlhf
+from instructcli import data, forward, models, rlhf, sources
 from instructcli.config import ModelConfig
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
     torch.manual_seed(0)
-    src = models.resolve(a.model)
+    src = sources.resolve(a.model)
     tok = models.load_tokenizer(src)
     model = models.trainable_model(src, ModelConfig(lora_dropout=0.0), "cpu")
     model.config.use_cache = False
@@ -47,7 +47,7 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
 
     def sft_selected():
-        loss, n = models.lm_loss_sum(model, ids, attn, labels)
+        loss, n = forward.lm_loss_sum(model, ids, attn, labels)
         (loss / n).backward()
         model.zero_grad(set_to_none=True)
 

@@ -1,4 +1,4 @@
-"""Rollout speed: instruct's sampling loop (models.generate) against transformers' plain `generate` on the same
+"""Rollout speed: instruct's sampling loop (generate.generate) against transformers' plain `generate` on the same
 LoRA policy, prompts, temperature, top-p and lengths. Prints tokens/s (answer tokens, up to and including
 EOS) for each, median and spread over --reps runs with different seeds, and the ratio.
 
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from instructcli import data, models
+from instructcli import data, decode_cpu, generate, models, sources
 from instructcli.config import ModelConfig
 
 
@@ -38,18 +38,18 @@ def plain_generate(model, tok, prompts, n, temperature, top_p, max_new, device):
 
 def decode_steps(model, rows: int, prompt_len: int) -> None:
     variants = {"none": (contextlib.nullcontext, False),
-                "W @ x.T": (lambda: models.decode_linears(model, lora=False), False),
-                "+ lean LoRA": (lambda: models.decode_linears(model), False),
-                "+ in-place cache": (lambda: models.decode_linears(model), True)}
+                "W @ x.T": (lambda: decode_cpu.decode_linears(model, lora=False), False),
+                "+ lean LoRA": (lambda: decode_cpu.decode_linears(model), False),
+                "+ in-place cache": (lambda: decode_cpu.decode_linears(model), True)}
     ids = torch.randint(100, 1000, (rows, prompt_len))
-    kv = models._cache_name(model)
+    kv = generate._cache_name(model)
     res = {k: [] for k in variants}
     for _ in range(3):
         for name, (ctx, prealloc) in variants.items():
             with torch.no_grad(), ctx():
                 cache = model(input_ids=ids, use_cache=True)[kv]
                 if prealloc:
-                    models._preallocate(cache, 24)
+                    generate._preallocate(cache, 24)
                 last, attn, ts = ids[:, -1:], torch.ones(rows, prompt_len + 1, dtype=torch.long), []
                 for _ in range(24):
                     t0 = time.perf_counter()
@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=100, help="--decode-step: tokens in the cache")
     a = ap.parse_args()
     device = models.pick_device()
-    src = models.resolve(a.model)
+    src = sources.resolve(a.model)
     tok = models.load_tokenizer(src)
     model = models.trainable_model(src.as_base(), ModelConfig(quant=a.quant), device)  # the PPO policy: LoRA on
     model.eval()
@@ -87,7 +87,7 @@ def main() -> None:
     prompts = queries[:a.batch]
     results = {"plain generate": [], "instruct": []}
     for rep in range(a.reps + 1):  # the first round warms up both
-        for name, fn in (("plain generate", plain_generate), ("instruct", models.generate)):
+        for name, fn in (("plain generate", plain_generate), ("instruct", generate.generate)):
             torch.manual_seed(rep)
             t0 = time.perf_counter()
             out = fn(model, tok, prompts, a.n, a.temperature, a.top_p, a.max_new_tokens, device)

@@ -188,9 +188,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:  # every subprocess, ours and TRL's, inherits it
         os.environ["OMP_NUM_THREADS"] = str(a.threads)
-    from instructcli import models
+    from instructcli import sources
 
-    model_dir = models.resolve("default").base
+    model_dir = sources.resolve("default").base
     py = peer_python() if set(a.only.split(",")) - {"ppo", "demo"} else None
     tmp = Path(tempfile.mkdtemp(prefix="vs_trl_"))
     common = ["-m", "default", "--max-steps", a.steps, "-b", a.batch, "--max-len", a.max_len, "--schedule",

@@ -1,8 +1,11 @@
-"""Typed, frozen configs: what the CLI (flags + optional TOML) resolves to, and what manifests record."""
+"""Typed, frozen configs: the ONLY place an option's name, type, default and help live. The CLI's flags are
+built from these fields (cli.py), a TOML --config sets their defaults, and manifests record them. Validation
+runs once, in __post_init__, so a config built in Python is checked as one built from flags."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, replace
+from typing import ClassVar
 
 from instructcli.errors import InstructError
 
@@ -11,11 +14,25 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 OVERFLOWS = ("truncate", "drop", "error")
 SCHEDULES = ("cosine", "linear", "constant")
 OLD_LOGPROBS = ("auto", "rollout", "recompute")
-POOLS = ("last", "mean")  # what the reward model's head reads (models.score_features)
+POOLS = ("last", "mean")  # what the reward model's head reads (forward.score_features)
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def opt(default=MISSING, help: str = "", flags: tuple[str, ...] = (), factory=MISSING):
+    """A config field with its flag's help (and names, when not --field-name)."""
+    meta = {"help": help, "flags": flags}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def arg():
+    """A positional argument's field: its help is written with the command in cli.py."""
+    return field(metadata={"arg": True})
 
 
 def check_choice(flag: str, value, choices) -> None:
-    """The one-line error (exit 2) for a value outside a flag's choices, from the CLI or a config built in Python."""
+    """The one-line error (exit 2) for a value outside a flag's choices."""
     if value not in choices:
         raise InstructError(f"--{flag}: expected one of {' | '.join(choices)}, got {value!r}", 2)
 
@@ -27,197 +44,358 @@ def check_sampling(temperature: float, top_p: float, zero_ok: bool = True) -> No
                             f"{temperature} and {top_p}", 2)
 
 
-def check_reading(pool: str, score_depth: float) -> None:
-    """What a reward model's head reads (--pool, --score-depth), from the CLI or a config built in Python."""
-    check_choice("pool", pool, POOLS)
-    if not 0 < score_depth <= 1:
-        raise InstructError(f"--score-depth: must be in (0, 1], got {score_depth}", 2)
+def check_positive(cfg, *names: str) -> None:
+    for k in names:
+        v = getattr(cfg, k)
+        if v is not None and v <= 0:
+            raise InstructError(f"--{k.replace('_', '-')}: must be > 0, got {v}", 2)
 
 
+def check_eval_frac(eval_frac: float) -> None:
+    if not 0 <= eval_frac < 1:
+        raise InstructError(f"--eval-frac: must be in [0, 1), got {eval_frac}", 2)
+
+
+# ------------------------------------------------------------------------------------ shared groups
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = "default"  # "default" (embedded SmolLM2-135M-Instruct), hub id, local dir, .gguf file or a run dir
-    quant: str = "none"  # none | 8bit | 4bit (bitsandbytes), applied to the frozen base
-    dtype: str = "auto"  # auto = bfloat16 on a CUDA GPU that supports it, else float32
-    full: bool = False  # full fine-tuning instead of LoRA (needs quant none)
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: str = "all-linear"  # comma-separated module names, or all-linear
-    lora_layers: int = 0  # adapt only the top N decoder layers (0 = all): the frozen layers below need no backward
-    trust_remote_code: bool = False
+    model: str = opt("default", "default (embedded SmolLM2-135M-Instruct), hub id (offline cache), local model dir, "
+                     ".gguf file, or a run dir.", ("--model", "-m"))
+    quant: str = opt("none", "Base weights: none | 8bit | 4bit (bitsandbytes).")
+    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU, else fp32).")
+    full: bool = opt(False, "Full fine-tuning instead of LoRA.")
+    lora_r: int = opt(16, "LoRA rank.")
+    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / rank).")
+    lora_dropout: float = opt(0.05, "LoRA dropout.")
+    lora_targets: str = opt("all-linear", "Modules to adapt: all-linear, or names like q_proj,v_proj.")
+    lora_layers: int = opt(0, "Adapt only the top N decoder layers (0 = all); the layers below then need no "
+                           "backward pass.")
+    trust_remote_code: bool = opt(False, "Allow a hub model's own Python code to run.")
+
+    def __post_init__(self):
+        check_choice("quant", self.quant, QUANTS)
+        check_choice("dtype", self.dtype, DTYPES)
+        if self.full and self.quant != "none":
+            raise InstructError("--full needs --quant none (quantized weights cannot be trained)", 2)
+        check_positive(self, "lora_r", "lora_alpha")
+
+
+INFERENCE_ONLY = ("full", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers")  # no adapter trained
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: float = 1.0
-    max_steps: int = 0  # optimizer steps; 0 = run `epochs` epochs
-    lr: float = 2e-4
-    schedule: str = "cosine"
-    warmup: float = 0.05  # fraction of total steps
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_size: int = 8  # micro-batch
-    grad_accum: int = 1
-    auto_batch_size: bool = False  # halve the micro-batch on out-of-memory (same effective batch)
-    eval_frac: float = 0.05  # held-out share of the rows (0 = no eval)
-    eval_every: int = 50  # steps; the end of training always evaluates
-    save_every: int = 100  # steps between resumable checkpoints (0 = only at the end)
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    seed: int = 0
+    epochs: float = opt(1.0, "Passes over the training rows (ignored with --max-steps).")
+    max_steps: int = opt(0, "Optimizer steps; 0 = use --epochs.")
+    lr: float = opt(2e-4, "Peak learning rate.")
+    schedule: str = opt("cosine", "cosine | linear | constant, after warmup.")
+    warmup: float = opt(0.05, "Warmup as a fraction of the steps.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm.")
+    batch_size: int = opt(8, "Examples per micro-batch.", ("--batch-size", "-b"))
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    auto_batch_size: bool = opt(False, "On out-of-memory, halve the micro-batch and retry the step (same "
+                                "effective batch, same update).")
+    eval_frac: float = opt(0.05, "Share of rows held out for eval loss (0 = none).")
+    eval_every: int = opt(50, "Evaluate every N steps (and at the end).")
+    save_every: int = opt(100, "Resumable checkpoint every N steps (0 = none).")
+    keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.")
+    log_every: int = opt(1, "Write metrics.jsonl every N steps.")
+    seed: int = opt(0, "Random seed (runs are deterministic on CPU).")
+
+    def __post_init__(self):
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_positive(self, "batch_size", "grad_accum", "epochs", "lr")
+        check_eval_frac(self.eval_frac)
 
 
+SEED_HELP = "Random seed (runs are deterministic on CPU)."
+OUT_HELP = "Output run dir."
+RUN_HELP = {  # the run options every training stage has
+    "skip_invalid": "Skip and count invalid rows instead of stopping.",
+    "overwrite": "Replace a non-empty output dir.",
+    "resume": "Continue an interrupted run from its checkpoint.",
+    "quiet": "No progress bars or info lines.",
+}
+QUIET = ("--quiet", "-q")
+OUT = ("--out", "-o")
+PROMPTS = ("--prompts", "-p")
+
+
+# ------------------------------------------------------------------------------------------ stages
 @dataclass(frozen=True)
 class SFTConfig:
-    data: str
-    out: str
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    max_len: int = 512
-    overflow: str = "truncate"
-    skip_invalid: bool = False
-    overwrite: bool = False
-    resume: bool = False
-    quiet: bool = False
+    data: str = arg()
+    out: str = opt("runs/sft", OUT_HELP, OUT)
+    model: ModelConfig = opt(factory=ModelConfig)
+    train: TrainConfig = opt(factory=TrainConfig)
+    max_len: int = opt(512, "Max tokens per example (prompt + response).")
+    overflow: str = opt("truncate", "Longer examples: truncate | drop | error.")
+    skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
+    overwrite: bool = opt(False, RUN_HELP["overwrite"])
+    resume: bool = opt(False, RUN_HELP["resume"])
+    quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
+
+    def __post_init__(self):
+        check_choice("overflow", self.overflow, OVERFLOWS)
+        check_positive(self, "max_len")
 
 
 @dataclass(frozen=True)
 class RMConfig:
-    data: str
-    out: str
-    model: ModelConfig = field(default_factory=ModelConfig)  # model.model = the --from run dir or --model
+    HELP: ClassVar[dict] = {  # the shared fields' help, as it reads for this stage
+        "epochs": "Passes over the training prompts (the paper: 1).",
+        "lr": "Peak learning rate (the adapter's).",
+        "batch_size": "Prompts (each with all K responses) per micro-batch.",
+        "eval_frac": "Share of prompts held out for accuracy (0 = none).",
+    }
+    CLI_SKIP: ClassVar[tuple] = ("full",)
+
+    data: str = arg()
+    out: str = opt("runs/rm", OUT_HELP, OUT)
+    from_dir: str = opt("", "Start from this sft run dir (merged into the base), as the paper does.", ("--from",))
+    model: ModelConfig = opt(factory=ModelConfig)  # model.model = the --from run dir or --model
     # the defaults are what bench/align.py found on the embedded model (ALIGNMENT.md)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, batch_size=4, epochs=2.0,
-                                                                   eval_frac=0.1, eval_every=20))
-    norm_data: str = ""  # demonstrations scored 0 on average; "" = the best-ranked responses of the training set
-    pool: str = "mean"  # the head reads: last = the end-of-turn token's hidden state; mean = that and the response's mean
-    head_lr: float = 1e-2  # the score head's learning rate; 0 = --lr
-    score_depth: float = 0.5  # the head reads the hidden states after this share of the decoder layers (1 = all)
-    max_len: int = 512
-    overflow: str = "truncate"
-    skip_invalid: bool = False
-    overwrite: bool = False
-    resume: bool = False
-    quiet: bool = False
+    train: TrainConfig = opt(factory=lambda: TrainConfig(lr=5e-4, batch_size=4, epochs=2.0, eval_frac=0.1,
+                                                         eval_every=20))
+    max_len: int = opt(512, "Max tokens per prompt + response.")
+    overflow: str = opt("truncate", "Longer examples: truncate | drop | error.")
+    norm_data: str = opt("", "Demonstrations JSONL that should score 0 on average (default: the best-ranked "
+                         "training responses).")
+    pool: str = opt("mean", "What the score head reads: last (the end-of-turn token's hidden state) or mean (that "
+                    "and the mean over the response's tokens).")
+    head_lr: float = opt(1e-2, "Learning rate of the score head (0 = --lr).")
+    score_depth: float = opt(0.5, "The head reads the hidden states after this share of the decoder layers "
+                             "(1 = all); the layers above never run.")
+    skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
+    overwrite: bool = opt(False, RUN_HELP["overwrite"])
+    resume: bool = opt(False, RUN_HELP["resume"])
+    quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
+
+    def __post_init__(self):
+        check_choice("pool", self.pool, POOLS)
+        if not 0 < self.score_depth <= 1:
+            raise InstructError(f"--score-depth: must be in (0, 1], got {self.score_depth}", 2)
+        check_choice("overflow", self.overflow, OVERFLOWS)
+        check_positive(self, "max_len")
+        if self.from_dir:  # --from names the model: the sft run the RM starts from
+            if self.model.model not in ("default", self.from_dir):
+                raise InstructError("give --from (an sft run dir) or --model, not both", 2)
+            object.__setattr__(self, "model", replace(self.model, model=self.from_dir))
 
 
 @dataclass(frozen=True)
 class PPOConfig:
-    policy: str  # sft run dir (merged into the shared base; the reference is that base, adapters off)
-    reward: str  # rm run dir trained --from the same sft run, or path/rule.py:function
-    prompts: str
-    out: str
+    CLI_SKIP: ClassVar[tuple] = ("model", "full")  # --policy names the model
+
+    policy: str = opt(help="The sft run dir to optimise (also the KL reference).")
+    reward: str = opt(help="An rm run dir trained --from the same sft run, or path/rule.py:function (runs that "
+                      "local Python file).")
+    prompts: str = opt(help="Prompts JSONL for rollouts.", flags=PROMPTS)
+    out: str = opt("runs/ppo", OUT_HELP, OUT)
     # quant, dtype and LoRA shape of the policy/value; no dropout: old and new log-probs come from one function
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(lora_dropout=0.0))
-    ptx_data: str = ""  # pretraining rows for PPO-ptx
-    ptx_coef: float = 27.8  # gamma, on the per-token KL(pi_SFT || pi) over the ptx text; 0 = plain PPO
-    ptx_batch_size: int = 4
-    kl: float = 0.02  # beta (initial value with target_kl)
-    target_kl: float = 0.0  # > 0: adaptive controller toward this KL (nats per response)
-    horizon: int = 10000
+    model: ModelConfig = opt(factory=lambda: ModelConfig(lora_dropout=0.0))
+    ptx_data: str = opt("", "Pretraining rows {text} for PPO-ptx.")
+    ptx_coef: float = opt(27.8, "gamma: weight of the pretraining term, the per-token KL from the SFT model on "
+                          "--ptx-data (paper 27.8; 0 = plain PPO).")
+    ptx_batch_size: int = opt(4, "Pretraining rows per optimisation step.")
+    kl: float = opt(0.02, "beta, the per-token KL penalty coefficient (paper 0.02).")
+    target_kl: float = opt(0.0, "> 0: adapt beta toward this KL (nats per response).")
+    horizon: int = opt(10000, "Adaptive KL horizon (rollouts).")
     # the defaults are what bench/align.py found on the embedded model (ALIGNMENT.md)
-    steps: int = 30  # PPO iterations (rollout + optimisation)
-    rollout_batch_size: int = 8  # prompts per rollout
-    mini_batch_size: int = 8
-    ppo_epochs: int = 1
-    lr: float = 3e-4
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten: bool = True
-    old_logprobs: str = "auto"  # rollout (from the sampling loop) | recompute (a full policy forward) | auto
-    max_grad_norm: float = 1.0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 48
-    max_prompt_len: int = 256
-    max_len: int = 512  # ptx rows
-    missing_eos_penalty: float = 0.0  # subtracted from the score of a response cut off without EOS
-    reward_clip: float = 0.0  # > 0: clip scores to [-c, c]
-    save_every: int = 10
-    keep_checkpoints: int = 2
-    seed: int = 0
-    skip_invalid: bool = False
-    overwrite: bool = False
-    resume: bool = False
-    quiet: bool = False
+    steps: int = opt(30, "PPO iterations (rollout + optimisation).")
+    rollout_batch_size: int = opt(8, "Prompts per rollout.")
+    mini_batch_size: int = opt(8, "Rollouts per optimizer step.")
+    ppo_epochs: int = opt(1, "Passes over each rollout batch.")
+    lr: float = opt(3e-4, "Learning rate (policy and value adapters).")
+    cliprange: float = opt(0.2, "Policy ratio clip.")
+    cliprange_value: float = opt(0.2, "Value clip around the rollout's values.")
+    vf_coef: float = opt(0.1, "Value loss weight.")
+    gamma: float = opt(1.0, "GAE discount.")
+    lam: float = opt(0.95, "GAE lambda.")
+    whiten: bool = opt(True, "Whiten advantages.")
+    old_logprobs: str = opt("auto", "Where the rollout's log-probs come from: rollout (the sampling loop; no extra "
+                            "forward), recompute (a full policy forward, as the update runs), auto = rollout on a "
+                            "float32 base without --quant, else recompute.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm.")
+    temperature: float = opt(1.0, "Rollout sampling temperature.")
+    top_p: float = opt(1.0, "Rollout nucleus sampling.")
+    max_new_tokens: int = opt(48, "Max tokens per rollout response.")
+    max_prompt_len: int = opt(256, "Longer prompts keep their end.")
+    max_len: int = opt(512, "Max tokens per pretraining row.")
+    missing_eos_penalty: float = opt(0.0, "Subtracted from the score of a response cut off without EOS.")
+    reward_clip: float = opt(0.0, "> 0: clip scores to [-c, c].")
+    save_every: int = opt(10, "Resumable checkpoint every N steps (0 = none).")
+    keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.")
+    seed: int = opt(0, SEED_HELP)
+    skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
+    overwrite: bool = opt(False, RUN_HELP["overwrite"])
+    resume: bool = opt(False, RUN_HELP["resume"])
+    quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
+
+    def __post_init__(self):
+        if self.model.model == "default":  # the policy is the model the run trains on
+            object.__setattr__(self, "model", replace(self.model, model=self.policy))
+        if self.model.full:
+            raise InstructError("ppo trains LoRA adapters on a shared frozen base; --full is not supported", 2)
+        check_positive(self, "steps", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "lr", "max_new_tokens")
+        check_sampling(self.temperature, self.top_p, zero_ok=False)
+        if self.kl < 0 or self.ptx_coef < 0:
+            raise InstructError("--kl and --ptx-coef must be >= 0", 2)
+        check_choice("old-logprobs", self.old_logprobs, OLD_LOGPROBS)
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise InstructError("--rollout-batch-size must be a multiple of --mini-batch-size", 2)
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise InstructError("--ptx-coef > 0 needs --ptx-data (pretraining rows); --ptx-coef 0 is plain PPO", 2)
+
+
+# ------------------------------------------------------------------------------- using a model
+TEMPERATURE_HELP = "Sampling temperature; 0 = greedy."
+TOP_P_HELP = "Nucleus sampling threshold."
+MAX_NEW_HELP = "Max tokens per response."
+MAX_PROMPT_HELP = "Longer prompts keep their last tokens."
+BOOTSTRAP_HELP = "Bootstrap resamples for the 95 % confidence intervals."
+QUANT_HELP = ModelConfig.__dataclass_fields__["quant"].metadata["help"]
+DTYPE_HELP = ModelConfig.__dataclass_fields__["dtype"].metadata["help"]
+
+
+def check_generation(cfg) -> None:
+    check_sampling(cfg.temperature, cfg.top_p)
+    check_positive(cfg, "max_new_tokens", "max_prompt_len", "batch_size")
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    reward: str
-    samples: str
-    out: str
-    quant: str = "none"
-    dtype: str = "auto"
-    batch_size: int = 16
-    max_len: int = 1024
-    skip_invalid: bool = False
-    quiet: bool = False
+    reward: str = arg()
+    samples: str = arg()
+    out: str = opt("-", "Scored samples JSONL; - = stdout.", OUT)
+    batch_size: int = opt(16, "Responses per forward.", ("--batch-size", "-b"))
+    max_len: int = opt(1024, "Max tokens per prompt + response (longer: end cut).")
+    quant: str = opt("none", QUANT_HELP)
+    dtype: str = opt("auto", DTYPE_HELP)
+    skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
+    quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
+
+    def __post_init__(self):
+        check_choice("quant", self.quant, QUANTS)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_positive(self, "batch_size", "max_len")
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    samples: str = arg()
+    out: str = opt(help="Comparisons JSONL: appended to, resumed from.", flags=OUT)
+    judge: str = opt("", "Rank without a person: rm:DIR, or path/rule.py:function (runs that local Python file) "
+                     "scoring (prompt, response).")
+    noise: float = opt(0.0, "With --judge: swap adjacent ranks with this probability, as simulated labelers do.")
+    seed: int = opt(0, SEED_HELP)
+    quant: str = opt("none", QUANT_HELP)
+
+    def __post_init__(self):
+        check_choice("quant", self.quant, QUANTS)
+        if not 0 <= self.noise <= 1:
+            raise InstructError(f"--noise: must be in [0, 1], got {self.noise}", 2)
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    prompts: str
-    out: str
-    model: ModelConfig = field(default_factory=ModelConfig)
-    n: int = 1
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    max_prompt_len: int = 512
-    batch_size: int = 8
-    seed: int = 0
-    skip_invalid: bool = False
-    quiet: bool = False
+    CLI_SKIP: ClassVar[tuple] = INFERENCE_ONLY
+
+    model: ModelConfig = opt(factory=ModelConfig)  # model.model is the positional MODEL
+    prompts: str = opt("-", "Prompts JSONL; - = stdin.", PROMPTS)
+    out: str = opt("-", "Samples JSONL to write; - = stdout.", OUT)
+    n: int = opt(1, "Samples per prompt (K).", ("-n",))
+    temperature: float = opt(0.7, TEMPERATURE_HELP)
+    top_p: float = opt(1.0, TOP_P_HELP)
+    max_new_tokens: int = opt(128, MAX_NEW_HELP)
+    max_prompt_len: int = opt(512, MAX_PROMPT_HELP)
+    batch_size: int = opt(8, "Prompts per generate call.", ("--batch-size", "-b"))
+    seed: int = opt(0, SEED_HELP)
+    skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
+    quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
+
+    def __post_init__(self):
+        check_generation(self)
+        check_positive(self, "n")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    out: str  # dir for summary.json and the per-row JSONL files
-    model: ModelConfig = field(default_factory=ModelConfig)
-    prompts: str = ""  # reward / KL / length / distinct-n on the model's answers
-    reward: str = ""  # rm run dir scoring those answers
-    ref: str = ""  # KL reference; "" = the model's parent (its run dir's adapter switched off)
-    lm_data: str = ""  # plain text rows: held-out LM loss (the alignment tax)
-    toxicity: str = ""  # prompts: continuations plain and with a respectful instruction, classifier-scored
-    truthfulness: str = ""  # multiple-choice rows, scored by log-likelihood
-    report: str = ""  # dir for report.md + PNG plots
-    n: int = 1
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    max_prompt_len: int = 512
-    max_len: int = 1024  # per lm-data row
-    batch_size: int = 8
-    bootstrap: int = 10000
-    seed: int = 0
-    skip_invalid: bool = False
-    overwrite: bool = False
-    quiet: bool = False
+    CLI_SKIP: ClassVar[tuple] = INFERENCE_ONLY
+
+    model: ModelConfig = opt(factory=ModelConfig)  # model.model is the positional MODEL
+    prompts: str = opt("", "Prompts JSONL: the model answers them; length, distinct-n, KL to --ref, and reward "
+                       "with --reward.", PROMPTS)
+    reward: str = opt("", "An rm run dir scoring the answers to --prompts.")
+    ref: str = opt("", "KL and alignment-tax reference; default: the run dir's parent (its adapter switched off, "
+                   "e.g. the sft model under a ppo run).")
+    lm_data: str = opt("", "Plain text rows {text}: held-out LM loss, the alignment tax.")
+    toxicity: str = opt("", "Prompts JSONL: continuations plainly and after a respectful instruction, scored by an "
+                        "offline classifier.")
+    truthfulness: str = opt("", "Multiple-choice rows {question, choices, correct}: accuracy by log-likelihood.")
+    report: str = opt("", "Dir for report.md with PNG plots (reward, KL, toxicity, training curves).")
+    out: str = opt("", "Dir for summary.json and per-row JSONL; default evals/<model name>.", OUT)
+    n: int = opt(1, "Answers per prompt.", ("-n",))
+    temperature: float = opt(0.7, TEMPERATURE_HELP)
+    top_p: float = opt(1.0, TOP_P_HELP)
+    max_new_tokens: int = opt(128, MAX_NEW_HELP)
+    max_prompt_len: int = opt(512, MAX_PROMPT_HELP)
+    max_len: int = opt(1024, "Max tokens per --lm-data row (longer: end cut).")
+    batch_size: int = opt(8, "Sequences per forward.", ("--batch-size", "-b"))
+    bootstrap: int = opt(10000, BOOTSTRAP_HELP)
+    seed: int = opt(0, SEED_HELP)
+    skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
+    overwrite: bool = opt(False, "Replace a non-empty output dir.")
+    quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
+
+    def __post_init__(self):
+        check_generation(self)
+        check_positive(self, "n", "max_len", "bootstrap")
 
 
 @dataclass(frozen=True)
 class CompareConfig:
-    items: tuple[str, ...]  # model/run dirs or samples files; the first is the baseline
-    judge: str  # rm:DIR | path/rule.py:function | human
-    out: str  # per-prompt JSONL
-    prompts: str = ""  # needed when an item is a model
-    quant: str = "none"
-    dtype: str = "auto"
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    max_prompt_len: int = 512
-    batch_size: int = 8
-    bootstrap: int = 10000
-    seed: int = 0
-    skip_invalid: bool = False
-    quiet: bool = False
+    items: tuple[str, ...] = arg()  # model/run dirs or samples files; the first is the baseline
+    judge: str = opt(help="rm:DIR (a reward model), path/rule.py:function (runs that local Python file), or human "
+                     "(blind pairs in the label UI).")
+    prompts: str = opt("", "Prompts JSONL, needed when an item is a model: each answers every prompt once, with "
+                       "the same seed.", PROMPTS)
+    out: str = opt("compare.jsonl", "Per-prompt JSONL (responses, scores, outcomes).", OUT)
+    temperature: float = opt(0.7, TEMPERATURE_HELP)
+    top_p: float = opt(1.0, TOP_P_HELP)
+    max_new_tokens: int = opt(128, MAX_NEW_HELP)
+    max_prompt_len: int = opt(512, MAX_PROMPT_HELP)
+    batch_size: int = opt(8, "Prompts per generate call.", ("--batch-size", "-b"))
+    bootstrap: int = opt(10000, BOOTSTRAP_HELP)
+    seed: int = opt(0, SEED_HELP)
+    quant: str = opt("none", QUANT_HELP)
+    dtype: str = opt("auto", DTYPE_HELP)
+    skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
+    quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
+
+    def __post_init__(self):
+        check_choice("quant", self.quant, QUANTS)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_generation(self)
+        check_positive(self, "bootstrap")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    run_dir: str = arg()
+    out: str = arg()
+    dtype: str = opt("float32", "float32 | bfloat16 | float16 for the saved weights.")
+
+    def __post_init__(self):
+        check_choice("dtype", self.dtype, EXPORT_DTYPES)
 
 
 def to_dict(cfg) -> dict:
     return asdict(cfg)
+
+
+def field_help(cls, name: str, f) -> str:
+    """A field's help as its command shows it (a stage may word a shared field its own way: HELP)."""
+    return getattr(cls, "HELP", {}).get(name) or f.metadata.get("help", "")
+

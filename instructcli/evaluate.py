@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from instructcli import console, data, judge, label, models
+from instructcli import console, data, files, forward, generate, judge, label, loop, models, sources
 from instructcli.config import CompareConfig, EvalConfig, ModelConfig, to_dict
 from instructcli.errors import InstructError
 
@@ -80,7 +80,7 @@ def choice_logprobs(model, tok, questions: list[data.MultipleChoice], device: st
         for c in q.choices:
             queries.append(prompt)
             conts.append(data.encode_continuation(tok, c))
-    lps = [float(x.sum()) for x in models.response_logprobs(model, queries, conts, tok.pad_token_id, device,
+    lps = [float(x.sum()) for x in forward.response_logprobs(model, queries, conts, tok.pad_token_id, device,
                                                             batch_size)]
     out, i = [], 0
     for q in questions:
@@ -92,7 +92,7 @@ def choice_logprobs(model, tok, questions: list[data.MultipleChoice], device: st
 def text_nll(model, tok, texts: list[str], max_len: int, device: str, batch_size: int = 8) -> list[tuple[float, int]]:
     """(summed next-token NLL, tokens predicted) per text: every token after the first is predicted."""
     ids = [data.encode_text(tok, t)[:max_len] for t in texts]
-    lps = models.response_logprobs(model, [x[:1] for x in ids], [x[1:] for x in ids], tok.pad_token_id, device,
+    lps = forward.response_logprobs(model, [x[:1] for x in ids], [x[1:] for x in ids], tok.pad_token_id, device,
                                    batch_size)
     return [(-float(lp.sum()), lp.numel()) for lp in lps]
 
@@ -121,14 +121,14 @@ def _answer(model, tok, prompts: data.Loaded, n: int, cfg, seed: int, device: st
         console.warn(f"{cut} prompts of {prompts.path} longer than --max-prompt-len kept their end")
     outs = []
     with console.Bar(len(queries), label) as bar:
-        for _, batch in models.sample_batches(model, tok, queries, n, cfg.temperature, cfg.top_p,
+        for _, batch in generate.sample_batches(model, tok, queries, n, cfg.temperature, cfg.top_p,
                                               cfg.max_new_tokens, cfg.batch_size, seed, device):
             outs += batch
             bar.update(len(batch))
     return queries, outs
 
 
-def _reference(source: models.Source, ref: str, mc: ModelConfig, device: str, model, tok, batch_size: int):
+def _reference(source: sources.Source, ref: str, mc: ModelConfig, device: str, model, tok, batch_size: int):
     """The KL reference as (name, function (queries, responses, temperature) -> per-token log-probs), or
     (None, None).
 
@@ -136,7 +136,7 @@ def _reference(source: models.Source, ref: str, mc: ModelConfig, device: str, mo
     weights). A --ref with those same weights takes that path too; any other --ref is loaded beside it."""
     pad = tok.pad_token_id
     adapter = bool(source.run_dir) and not (source.manifest or {}).get("full")
-    parent = models.Source(source.spec, source.base, merged=source.merged)  # the weights under the adapter
+    parent = sources.Source(source.spec, source.base, merged=source.merged)  # the weights under the adapter
     if not ref:
         if not adapter:
             if source.run_dir:  # a --full run: its parent is a whole other model, loaded only when asked for
@@ -144,19 +144,19 @@ def _reference(source: models.Source, ref: str, mc: ModelConfig, device: str, mo
             return None, None
         ref, rsrc = (source.merged[-1] if source.merged else source.manifest["base_model"]["source"]), parent
     else:
-        rsrc = models.resolve(ref, console.log).as_base()
-    if adapter and models.same_weights(rsrc, parent):
+        rsrc = sources.resolve(ref, console.log).as_base()
+    if adapter and sources.same_weights(rsrc, parent):
         def off(q, r, temperature=1.0):
             with model.disable_adapter():
-                return models.response_logprobs(model, q, r, pad, device, batch_size, temperature)
+                return forward.response_logprobs(model, q, r, pad, device, batch_size, temperature)
 
         return ref, off
-    ref_source = models.resolve(ref, console.log)
+    ref_source = sources.resolve(ref, console.log)
     ref_tok = models.load_tokenizer(ref_source, mc.trust_remote_code)
     if ref_tok.get_vocab() != tok.get_vocab():
         raise InstructError(f"--ref {ref}: another tokenizer than the model's; KL needs the same vocabulary", 2)
     ref_model = models.inference_model(ref_source, mc, device)
-    return ref, lambda q, r, temperature=1.0: models.response_logprobs(ref_model, q, r, pad, device, batch_size,
+    return ref, lambda q, r, temperature=1.0: forward.response_logprobs(ref_model, q, r, pad, device, batch_size,
                                                                        temperature)
 
 
@@ -180,15 +180,15 @@ def run(cfg: EvalConfig) -> dict:
                        or Path(cfg.out).resolve() in Path(cfg.report).resolve().parents):
         raise InstructError("--report and --out must be two separate directories", 2)
     if cfg.reward:
-        models.require_rm(models.resolve(cfg.reward, console.log), "--reward")
+        sources.require_rm(sources.resolve(cfg.reward, console.log), "--reward")
     inputs = _load_inputs(cfg)
     if cfg.toxicity:
         toxicity_scores(["probe"])  # fail now, not after generating, when the classifier is missing
     if cfg.report:
         console._pyplot()
-    out_dir = data.ResultDir(cfg.out, cfg.overwrite)
-    report_dir = data.ResultDir(cfg.report, cfg.overwrite) if cfg.report else None
-    source = models.resolve(mc.model, console.log)
+    out_dir = files.ResultDir(cfg.out, cfg.overwrite)
+    report_dir = files.ResultDir(cfg.report, cfg.overwrite) if cfg.report else None
+    source = sources.resolve(mc.model, console.log)
     tok = models.load_tokenizer(source, mc.trust_remote_code)
     device = models.pick_device()
     model = models.inference_model(source, mc, device)
@@ -206,7 +206,7 @@ def run(cfg: EvalConfig) -> dict:
         kls = None
         if ref_logprobs:  # both at the temperature the answers were drawn at: KL of those two distributions
             temp = cfg.temperature or 1.0
-            lp = models.response_logprobs(model, flat_q, flat_r, tok.pad_token_id, device, cfg.batch_size, temp)
+            lp = forward.response_logprobs(model, flat_q, flat_r, tok.pad_token_id, device, cfg.batch_size, temp)
             ref = ref_logprobs(flat_q, flat_r, temp)
             kls = [float((a - b).sum()) for a, b in zip(lp, ref)]
         rows["answers"] = []
@@ -296,7 +296,7 @@ def run(cfg: EvalConfig) -> dict:
 
     # 5. reward of the answers: the policy is freed first, so only one model is in memory at a time
     model = ref_logprobs = None
-    console.free_memory()
+    loop.free_memory()
     if cfg.reward and "answers" in rows:
         t0 = time.time()
         rm, rm_tok, _ = models.load_reward_model(cfg.reward, ModelConfig(quant=mc.quant, dtype=mc.dtype), device,
@@ -313,12 +313,12 @@ def run(cfg: EvalConfig) -> dict:
                                         "rm": cfg.reward}
         seconds["reward"] = time.time() - t0
         rm = None
-        console.free_memory()
+        loop.free_memory()
     summary["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
 
     with out_dir as d:
         for name, rs in rows.items():
-            with data.JsonlWriter(str(d / f"{name}.jsonl")) as w:
+            with files.JsonlWriter(str(d / f"{name}.jsonl")) as w:
                 for r in rs:
                     w.write(r)
         (d / "summary.json").write_text(json.dumps({**summary, "config": to_dict(cfg)}, indent=2) + "\n")
@@ -344,7 +344,7 @@ def _ci(part: dict) -> str:
     return f"{part['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def write_report(d: Path, summary: dict, rows: dict, source: models.Source) -> None:
+def write_report(d: Path, summary: dict, rows: dict, source: sources.Source) -> None:
     """report.md with PNG plots: what a person would rather look at than read numbers."""
     lines = [f"# Evaluation of `{summary['model']}`", "", f"Written {time.strftime('%Y-%m-%d %H:%M')}; "
              f"rows in `{summary['out']}`. Intervals are bootstrap 95 % CIs of the mean over prompts.", "",
@@ -412,14 +412,14 @@ def _quote(text: str, limit: int = 300) -> str:
 # --------------------------------------------------------------------------------------- instruct compare
 def _generate_answers(spec: str, prompts: data.Loaded, cfg: CompareConfig) -> dict[str, str]:
     """id -> the model's one answer to each of --prompts (every model with the same seed)."""
-    source = models.resolve(spec, console.log)
+    source = sources.resolve(spec, console.log)
     tok = models.load_tokenizer(source)
     device = models.pick_device()
     model = models.inference_model(source, ModelConfig(model=spec, quant=cfg.quant, dtype=cfg.dtype), device)
     _, outs = _answer(model, tok, prompts, 1, cfg, cfg.seed, device, f"compare: {spec}")
     out = {p.id: tok.decode(o[0], skip_special_tokens=True).strip() for p, o in zip(prompts.records, outs)}
     model = None
-    console.free_memory()
+    loop.free_memory()
     return out
 
 
@@ -431,10 +431,10 @@ def compare(cfg: CompareConfig) -> dict:
         raise InstructError("compare: an item is given twice; each model or samples file once", 2)
     if cfg.out == "-":
         raise InstructError("--out: compare writes per-prompt rows to a file (stdout carries the JSON summary)", 2)
-    data.check_output_file(cfg.out)
+    files.check_output_file(cfg.out)
     # everything that can be refused is checked before any model spends time answering
     if cfg.judge.startswith("rm:"):
-        models.require_rm(models.resolve(cfg.judge[3:], console.log), "--judge")
+        sources.require_rm(sources.resolve(cfg.judge[3:], console.log), "--judge")
     elif ".py:" in cfg.judge:
         judge.load_rule(cfg.judge)
     elif cfg.judge != "human":
@@ -447,7 +447,7 @@ def compare(cfg: CompareConfig) -> dict:
             continue
         if "/" in spec and not Path(spec).exists() and Path(spec).parent.is_dir():  # a typo, not a hub id
             raise InstructError(f"{spec}: no such model dir or samples file", 2)
-        models.refuse_reward_model(models.resolve(spec, console.log))
+        sources.refuse_reward_model(sources.resolve(spec, console.log))
         if prompts is None:
             raise InstructError(f"{spec}: a model needs --prompts to answer (or give a samples file)", 2)
     if prompts is not None:
@@ -486,7 +486,7 @@ def compare(cfg: CompareConfig) -> dict:
                     outcomes[spec].append(outcome(scores[0], scores[j]))
                     diffs[spec].append(scores[j] - scores[0])
                 bar.update(1)
-    with data.JsonlWriter(cfg.out) as w:
+    with files.JsonlWriter(cfg.out) as w:
         for i in ids:
             w.write(per_prompt[i])
 
@@ -511,7 +511,7 @@ def _human(cfg: CompareConfig, ids, text, answers, per_prompt, outcomes) -> None
     pairs_path, labels_path = f"{cfg.out}.pairs.jsonl", f"{cfg.out}.labels.jsonl"
     rng = random.Random(cfg.seed)
     order = {}
-    with data.JsonlWriter(pairs_path) as w:
+    with files.JsonlWriter(pairs_path) as w:
         for i in ids:
             prompt, msgs = text[i]
             for j in range(1, len(cfg.items)):

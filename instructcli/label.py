@@ -35,14 +35,13 @@ import os
 import random
 import re
 import sys
-import tempfile
 from typing import Callable, Sequence
 
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.text import Text
 
-from instructcli import data
+from instructcli import data, files
 from instructcli.errors import DataError, InstructError
 
 SKIPPED_SUFFIX = ".skipped"
@@ -133,19 +132,7 @@ def _drop_last_line(path: str) -> str | None:
     if not lines:
         return None
     last = lines.pop()
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, os.stat(path).st_mode & 0o7777)  # mkstemp makes 0600; keep the file's own mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    files.atomic_write_text(path, "".join(line + "\n" for line in lines), mode_of=path)
     return last
 
 

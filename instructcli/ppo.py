@@ -9,34 +9,101 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from instructcli import console, data, judge, models, parallel, rlhf
-from instructcli.config import OLD_LOGPROBS, PPOConfig, check_choice, check_sampling, to_dict
-from instructcli.errors import InstructError
+from instructcli import checkpoint, console, data, forward, generate, judge, loop, models, parallel, rlhf, sources
+from instructcli.config import PPOConfig, to_dict
 from instructcli.models import POLICY, REWARD, VALUE
 
-MAX_BAD_STEPS = 5
+
+class Rollout(NamedTuple):
+    """One step's samples: each row's prompt and response ids, and the responses right-padded to (B, R)."""
+
+    queries: list[list[int]]
+    responses: list[list[int]]
+    tokens: torch.Tensor  # (B, R) response token ids
+    mask: torch.Tensor  # (B, R) 1.0 on response tokens
+
+
+def new_rollout(queries: list[list[int]], responses: list[list[int]], pad_id: int, device: str) -> Rollout:
+    ids, attn, _, start = data.collate_rollout(queries, responses, pad_id, device)
+    return Rollout(queries, responses, ids[:, start:], attn[:, start:].float())
+
+
+def response_logits(nets: models.PPOModels, ro: Rollout, rows: list[int], pad_id: int, device: str,
+                    temperature: float, reference: bool = False) -> torch.Tensor:
+    """Policy logits (or, with `reference`, the SFT model's: the base with adapters off) at the positions that
+    predict each response token of rollout rows `rows`. The rows are collated on their own, to their longest
+    prompt and response, so no work goes to columns that are padding in all of them; the LM head never runs
+    over the prompt."""
+    ids, attn, pos, start = data.collate_rollout([ro.queries[i] for i in rows], [ro.responses[i] for i in rows],
+                                                 pad_id, device)
+    nets.use(POLICY)
+    with nets.lm.disable_adapter() if reference else contextlib.nullcontext():
+        logits = forward.logits_from(nets.lm, ids, attn, pos, start - 1)
+    return logits[:, :-1].float() / temperature
+
+
+def response_values(nets: models.PPOModels, ro: Rollout, rows: list[int], pad_id: int, device: str) -> torch.Tensor:
+    """The value of each state before a response token of rows `rows`: what the RM-shaped value head reads there
+    (forward.score_features)."""
+    ids, attn, pos, start = data.collate_rollout([ro.queries[i] for i in rows], [ro.responses[i] for i in rows],
+                                                 pad_id, device)
+    nets.use(VALUE)
+    h = forward.hidden_states(nets.lm, ids, attn, pos, layers=nets.layers).float()
+    starts = torch.full((len(rows),), start, device=device)
+    return nets.value_head(forward.score_features(h, attn, starts, nets.pool)[:, start - 1:-1]).squeeze(-1)
+
+
+def response_logprobs(nets: models.PPOModels, ro: Rollout, rows: list[int], pad_id: int, device: str,
+                      temperature: float, reference: bool = False, entropy: bool = False) -> tuple:
+    """(log-probs of rows' response tokens,) or, with `entropy`, (log-probs, entropies); see response_logits."""
+    logits = response_logits(nets, ro, rows, pad_id, device, temperature, reference)
+    lp = rlhf.logprobs_from_logits(logits, ro.tokens[rows, :logits.shape[1]])
+    return (lp, rlhf.entropy_from_logits(logits)) if entropy else (lp,)
+
+
+def over_rollout(ro: Rollout, chunk: int, f) -> list[torch.Tensor]:
+    """f(rows) -> tensors of (len(rows), their response width), for every rollout row in chunks of `chunk`
+    rows of similar length (little padding, bounded memory); returned as (B, R) tensors in rollout order, 0
+    past each response."""
+    outs = None
+    for rows in data.length_chunks([len(q) + len(r) for q, r in zip(ro.queries, ro.responses)], chunk):
+        ys = f(rows)
+        outs = outs or [torch.zeros(ro.tokens.shape, device=ro.tokens.device) for _ in ys]
+        for out, y in zip(outs, ys):
+            out[rows, :y.shape[1]] = y
+    return outs
+
+
+def rm_scores(nets: models.PPOModels, ro: Rollout, pad_id: int, chunk: int) -> torch.Tensor:
+    """The RM's normalised scores of the tokens as sampled: an answer cut off at --max-new-tokens has no
+    end-of-turn token, and the RM (trained with data.encode_responses, which reads the score at that token)
+    sees it."""
+    device = ro.tokens.device
+    seqs = [q + r for q, r in zip(ro.queries, ro.responses)]
+    scores = torch.zeros(len(seqs), device=device)
+    nets.use(REWARD)
+    for rows in data.length_chunks([len(x) for x in seqs], chunk):
+        batch = data.collate_sequences([seqs[i] for i in rows], pad_id)
+        starts = torch.tensor([len(ro.queries[i]) for i in rows], device=device)
+        scores[rows] = nets.reward.score(batch["input_ids"].to(device), batch["attention_mask"].to(device), starts)
+    return scores
 
 
 def train(cfg: PPOConfig) -> Path:
     mc = cfg.model
     console.set_quiet(cfg.quiet)
-    if cfg.ptx_coef > 0 and not cfg.ptx_data:
-        raise InstructError("--ptx-coef > 0 needs --ptx-data (pretraining rows); --ptx-coef 0 is plain PPO", 2)
-    check_choice("old-logprobs", cfg.old_logprobs, OLD_LOGPROBS)
-    check_sampling(cfg.temperature, cfg.top_p, zero_ok=False)
-    if cfg.rollout_batch_size % cfg.mini_batch_size:
-        raise InstructError("--rollout-batch-size must be a multiple of --mini-batch-size", 2)
-    run = models.RunDir(cfg.out, cfg.overwrite, cfg.resume)
+    run = checkpoint.RunDir(cfg.out, cfg.overwrite, cfg.resume)
 
     # 0. data and models
     prompts = data.load(cfg.prompts, "prompts", cfg.skip_invalid, console.warn)
     ptx = data.load(cfg.ptx_data, "pretraining", cfg.skip_invalid, console.warn) if cfg.ptx_coef > 0 else None
     rule = judge.load_rule(cfg.reward) if ".py:" in cfg.reward else None
-    policy_source = models.resolve(cfg.policy, console.log)
-    models.refuse_reward_model(policy_source, "--policy")
+    policy_source = sources.resolve(cfg.policy, console.log)
+    sources.refuse_reward_model(policy_source, "--policy")
     tok = models.load_tokenizer(policy_source, mc.trust_remote_code)
     queries, _ = data.encode_prompts(tok, prompts, cfg.max_prompt_len)
     ptx_set = []
@@ -45,12 +112,12 @@ def train(cfg: PPOConfig) -> Path:
         fitted = data.fit_length(ids, ids, cfg.max_len, "truncate", data.OverflowStats(), f"{cfg.ptx_data}: {i + 1}")
         if fitted:
             ptx_set.append(fitted)
-    models.seed_everything(cfg.seed)
+    checkpoint.seed_everything(cfg.seed)
     device = models.pick_device()
-    m, rm_source = models.ppo_models(policy_source, cfg.reward, mc, device, console.log)
-    m.eval()  # no dropout: old and new log-probs must come from the same function
-    params = [p for p in m.parameters() if p.requires_grad]
-    policy_params, value_params = m.param_groups()
+    nets, rm_source = models.ppo_models(policy_source, cfg.reward, mc, device, console.log)
+    nets.eval()  # no dropout: old and new log-probs must come from the same function
+    params = [p for p in nets.parameters() if p.requires_grad]
+    policy_params, value_params = nets.param_groups()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)  # as sft and rm (torch's default is 0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     kl_ctl = (rlhf.AdaptiveKLController(cfg.kl, cfg.target_kl, cfg.horizon) if cfg.target_kl > 0
@@ -65,103 +132,61 @@ def train(cfg: PPOConfig) -> Path:
                 f"on {device}; kl {cfg.kl}{f' -> target {cfg.target_kl}' if cfg.target_kl else ''}, "
                 f"ptx {cfg.ptx_coef if ptx else 0}; old log-probs "
                 f"{'from the sampling loop' if rollout_logprobs else 'recomputed'}")
-    B = cfg.rollout_batch_size  # per process; each process rolls out its own prompts
-    start, state = 0, None
-    if cfg.resume and (state := run.load_checkpoint(m, optimizer, scheduler)):
-        start, kl_ctl.value = state["step"], state["extra"]["kl_coef"]
-        data.check_resume(state["extra"], B * parallel.world, "rollouts")
-        console.log(f"resumed from step {start}")
-    parallel.broadcast_params(params)  # every process starts from the same weights
-    if parallel.world > 1 and not state:  # own samples per process
-        models.seed_everything(cfg.seed + parallel.rank)
-    run.create()
+    rollout_size = cfg.rollout_batch_size  # per process; each process rolls out its own prompts
+    state = loop.start_or_resume(run, nets, optimizer, scheduler, params, cfg.resume, cfg.seed,
+                                 rollout_size * parallel.world, "rollouts")
+    start = state["step"] if state else 0
+    if state:
+        kl_ctl.value = state["extra"]["kl_coef"]
     metrics = console.Metrics(run.metrics_path)
-    order = data.EpochOrder(len(queries), cfg.seed)
-    guard = console.NonFiniteGuard(MAX_BAD_STEPS)
+    order = checkpoint.EpochOrder(len(queries), cfg.seed)
+    guard = loop.NonFiniteGuard(f"last good checkpoint in {run.ckpt_root}")
 
-    def forward(sel, adapter):
-        """Policy logits (POLICY), reference logits (None: adapters off) or values (VALUE) at the positions that
-        predict each response token of rollout rows `sel`. The rows are collated on their own, to their longest
-        prompt and response, so no work goes to columns that are padding in all of them; the LM head never
-        runs over the prompt."""
-        ids, attn, pos, P = data.collate_rollout([batch_q[i] for i in sel], [responses[i] for i in sel],
-                                                 tok.pad_token_id, device)
-        if adapter == VALUE:  # the value of each state: what the RM-shaped head reads there (score_features)
-            m.use(VALUE)
-            h = models.hidden_states(m.lm, ids, attn, pos, layers=m.layers).float()
-            starts = torch.full((len(sel),), P, device=device)
-            return m.value_head(models.score_features(h, attn, starts, m.pool)[:, P - 1:-1]).squeeze(-1)
-        m.use(POLICY)
-        with m.lm.disable_adapter() if adapter is None else contextlib.nullcontext():
-            logits = models.logits_from(m.lm, ids, attn, pos, P - 1)
-        return logits[:, :-1].float() / cfg.temperature
-
-    def logprobs_of(sel, adapter, entropy=False):
-        logits = forward(sel, adapter)
-        lp = rlhf.logprobs_from_logits(logits, resp[sel, :logits.shape[1]])
-        return (lp, rlhf.entropy_from_logits(logits)) if entropy else (lp,)
-
-    def over_rollout(f):
-        """f(rows) -> tensors of (len(rows), their response width), for every rollout row in chunks of
-        --mini-batch-size rows of similar length (little padding, bounded memory); returned as (B, R) tensors in
-        rollout order, 0 past each response."""
-        outs = None
-        for sel in data.length_chunks([len(q) + len(r) for q, r in zip(batch_q, responses)], cfg.mini_batch_size):
-            ys = f(sel)
-            outs = outs or [torch.zeros(B, resp.shape[1], device=device) for _ in ys]
-            for out, y in zip(outs, ys):
-                out[sel, :y.shape[1]] = y
-        return outs
-
-    def score(idx, ended) -> torch.Tensor:
-        if rule:
-            texts = [tok.decode(x, skip_special_tokens=True).strip() for x in responses]
-            s = torch.tensor([float(rule(prompts.records[i].prompt, t)) for i, t in zip(idx, texts)], device=device)
-        else:  # the tokens as sampled: an answer cut off at --max-new-tokens has no end-of-turn token, and the
-            # RM (trained with data.encode_responses, which reads the score at that token) sees it
-            enc = [q + r for q, r in zip(batch_q, responses)]
-            s = torch.zeros(len(enc), device=device)
-            m.use(REWARD)
-            for sel in data.length_chunks([len(e) for e in enc], cfg.mini_batch_size):
-                batch = data.collate_sequences([enc[i] for i in sel], tok.pad_token_id)
-                starts = torch.tensor([len(batch_q[i]) for i in sel], device=device)
-                s[sel] = m.reward.score(batch["input_ids"].to(device), batch["attention_mask"].to(device), starts)
-        s = s - cfg.missing_eos_penalty * (~ended).float()
-        return s.clamp(-cfg.reward_clip, cfg.reward_clip) if cfg.reward_clip > 0 else s
+    pad_id, chunk = tok.pad_token_id, cfg.mini_batch_size
 
     last = {}
     step = start
-    oom = console.OutOfMemory(lambda: (
-        f"at step {step + 1} with --rollout-batch-size {B}, --mini-batch-size {cfg.mini_batch_size}, --max-new-tokens "
+    oom = loop.OutOfMemory(lambda: (
+        f"at step {step + 1} with --rollout-batch-size {rollout_size}, --mini-batch-size {cfg.mini_batch_size}, "
+        f"--max-new-tokens "
         f"{cfg.max_new_tokens}: try smaller ones, --quant 8bit, or --ptx-batch-size below {cfg.ptx_batch_size}"))
-    with console.Interrupt() as interrupt, console.Bar(cfg.steps, "ppo", completed=start) as bar, oom:
+    with loop.Interrupt() as interrupt, console.Bar(cfg.steps, "ppo", completed=start) as bar, oom:
         for step in range(start, cfg.steps):
             # 1. rollout: sample responses from the policy
             t0 = time.time()
-            idx = [order[(step * parallel.world + parallel.rank) * B + i] for i in range(B)]
+            idx = [order[(step * parallel.world + parallel.rank) * rollout_size + i] for i in range(rollout_size)]
             batch_q = [queries[i] for i in idx]
-            m.use(POLICY)
-            out = models.generate(m.lm, tok, batch_q, 1, cfg.temperature, cfg.top_p, cfg.max_new_tokens, device,
-                                  logprobs=rollout_logprobs)
+            nets.use(POLICY)
+            out = generate.generate(nets.lm, tok, batch_q, 1, cfg.temperature, cfg.top_p, cfg.max_new_tokens, device,
+                                    logprobs=rollout_logprobs)
             out, lp, ent = out if rollout_logprobs else (out, None, None)
-            responses = [r[0] for r in out]
-            ended = torch.tensor([data.ended(tok, r) for r in responses], device=device)
-            ids, attn, _, P = data.collate_rollout(batch_q, responses, tok.pad_token_id, device)
-            resp, mask = ids[:, P:], attn[:, P:].float()
+            ro = new_rollout(batch_q, [r[0] for r in out], pad_id, device)
+            mask = ro.mask
+            ended = torch.tensor([data.ended(tok, r) for r in ro.responses], device=device)
             rollout_s = time.time() - t0
 
             # 2. score; log-probs under policy (unless the sampling loop gave them) and reference; values
             t1 = time.time()
             with torch.no_grad():
-                scores = score(idx, ended)
+                if rule:
+                    texts = [tok.decode(x, skip_special_tokens=True).strip() for x in ro.responses]
+                    scores = torch.tensor([float(rule(prompts.records[i].prompt, t)) for i, t in zip(idx, texts)],
+                                          device=device)
+                else:
+                    scores = rm_scores(nets, ro, pad_id, chunk)
+                scores = scores - cfg.missing_eos_penalty * (~ended).float()
+                if cfg.reward_clip > 0:
+                    scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
                 if rollout_logprobs:
                     logprobs = lp
                 else:
-                    logprobs, ent = over_rollout(lambda sel: logprobs_of(sel, POLICY, entropy=True))
+                    logprobs, ent = over_rollout(ro, chunk, lambda rows: response_logprobs(
+                        nets, ro, rows, pad_id, device, cfg.temperature, entropy=True))
                 entropy = rlhf.masked_mean(ent, mask).item()
                 # the reference: the SFT model, which is the base itself with adapters off
-                ref_logprobs = over_rollout(lambda sel: logprobs_of(sel, None))[0]
-                values = over_rollout(lambda sel: (forward(sel, VALUE),))[0]
+                ref_logprobs = over_rollout(ro, chunk, lambda rows: response_logprobs(
+                    nets, ro, rows, pad_id, device, cfg.temperature, reference=True))[0]
+                values = over_rollout(ro, chunk, lambda rows: (response_values(nets, ro, rows, pad_id, device),))[0]
 
                 # 3. rewards (per-token KL penalty + score on the last token) and GAE advantages
                 rewards, kl = rlhf.compute_rewards(scores, logprobs, ref_logprobs, mask, kl_ctl.value)
@@ -176,30 +201,28 @@ def train(cfg: PPOConfig) -> Path:
             stats = {k: [] for k in ("policy_loss", "value_loss", "ptx_loss", "grad_norm", "value_grad_norm",
                                      "clipfrac", "approx_kl", "vf_clipfrac")}
             for _ in range(cfg.ppo_epochs):
-                for mb in torch.randperm(B).split(cfg.mini_batch_size):
-                    sel = mb.tolist()
-                    logits = forward(sel, POLICY)
-                    R = logits.shape[1]  # the mini-batch's longest response; the columns after it are padding
+                for mb in torch.randperm(rollout_size).split(cfg.mini_batch_size):
+                    rows = mb.tolist()
+                    new_logprobs = response_logprobs(nets, ro, rows, pad_id, device, cfg.temperature)[0]
+                    width = new_logprobs.shape[1]  # the mini-batch's longest response; columns after it are padding
 
                     def cut(x):
-                        return x[sel, :R]
+                        return x[rows, :width]
 
-                    new_logprobs = rlhf.logprobs_from_logits(logits, cut(resp))
-                    del logits
                     pg_loss, pg_stats = rlhf.policy_loss(new_logprobs, cut(logprobs), cut(advantages), cut(mask),
                                                          cfg.cliprange)
                     ptx_loss = torch.zeros((), device=device)
                     if ptx_set:  # the pretraining term: KL from the SFT model's predictions of the text
                         pick = torch.randint(len(ptx_set), (cfg.ptx_batch_size,)).tolist()
-                        pb = data.collate([ptx_set[i] for i in pick], tok.pad_token_id)
+                        pb = data.collate([ptx_set[i] for i in pick], pad_id)
                         pb = [pb[k].to(device) for k in ("input_ids", "attention_mask", "labels")]
-                        ptx_logits, _ = models.labelled_logits(m.lm, *pb)
-                        with torch.no_grad(), m.lm.disable_adapter():
-                            ref_ptx_logits, _ = models.labelled_logits(m.lm, *pb)
+                        ptx_logits, _ = forward.labelled_logits(nets.lm, *pb)
+                        with torch.no_grad(), nets.lm.disable_adapter():
+                            ref_ptx_logits, _ = forward.labelled_logits(nets.lm, *pb)
                         ptx_loss = rlhf.kl_to_reference(ptx_logits, ref_ptx_logits)
                         del ptx_logits, ref_ptx_logits
                     (pg_loss + cfg.ptx_coef * ptx_loss).backward()
-                    vpred = forward(sel, VALUE)
+                    vpred = response_values(nets, ro, rows, pad_id, device)
                     vf_loss, vf_stats = rlhf.value_loss(vpred, cut(values), cut(returns), cut(mask),
                                                         cfg.cliprange_value)
                     (cfg.vf_coef * vf_loss).backward()
@@ -208,11 +231,9 @@ def train(cfg: PPOConfig) -> Path:
                                           + cfg.vf_coef * vf_loss.item())[0]
                     grad_norm, value_grad_norm = rlhf.clip_grad_norms([policy_params, value_params],
                                                                       cfg.max_grad_norm)
-                    if not guard.ok(step + 1, total, grad_norm + value_grad_norm, optimizer):
+                    if loop.optimizer_step(guard, step + 1, total, grad_norm + value_grad_norm, optimizer,
+                                           scheduler) is None:
                         continue
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
                     for k, v in (("policy_loss", pg_loss.item()), ("value_loss", vf_loss.item()),
                                  ("ptx_loss", ptx_loss.item()), ("grad_norm", grad_norm),
                                  ("value_grad_norm", value_grad_norm), *pg_stats.items(), *vf_stats.items()):
@@ -228,7 +249,7 @@ def train(cfg: PPOConfig) -> Path:
                 local = dict(zip(local, parallel.mean(*local.values())))
             mean_kl = local["kl"]
             kl_coef = kl_ctl.value
-            kl_ctl.update(mean_kl, B * parallel.world)
+            kl_ctl.update(mean_kl, rollout_size * parallel.world)
 
             done = step + 1
             last = {"step": done, **local, "kl_coef": kl_coef, "peak_mem_mb": round(console.peak_memory_mb(), 1)}
@@ -236,28 +257,22 @@ def train(cfg: PPOConfig) -> Path:
             bar.update(1, f"score {last['score']:.3f} kl {mean_kl:.3f}")
             console.log(f"step {done}: score {last['score']:.3f} kl {mean_kl:.3f} "
                         f"len {last['response_len']:.1f} ({rollout_s:.1f}s rollout, {last['optimise_s']:.1f}s optimise)")
-            stop = parallel.any_(interrupt.requested)  # every process stops at the same step
-            if (cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps) or (stop and done < cfg.steps):
-                run.save_checkpoint(done, m, optimizer, scheduler,
-                                    {"kl_coef": kl_ctl.value, "rollouts_per_step": B * parallel.world},
-                                    cfg.keep_checkpoints)
-            if stop and done < cfg.steps:
-                metrics.close()
-                console.stopped(done)
-                raise KeyboardInterrupt
+            loop.checkpoint_or_stop(run, done, cfg.steps, interrupt, cfg.save_every, cfg.keep_checkpoints, nets,
+                                    optimizer, scheduler, {"kl_coef": kl_ctl.value,
+                                                           "rollouts_per_step": rollout_size * parallel.world}, metrics)
     metrics.close()
 
     # 5. save the policy adapter (a run dir that sample/export accept like an sft one) and the value head
     from safetensors.torch import save_file
 
     if parallel.main:
-        save_file({k: v.detach().cpu().contiguous() for k, v in m.value_head.state_dict().items()},
+        save_file({k: v.detach().cpu().contiguous() for k, v in nets.value_head.state_dict().items()},
                   str(run.work / "value_head.safetensors"))
-    lineage = models.lineage(policy_source)
+    lineage = sources.lineage(policy_source)
     if rm_source:
         lineage["parents"].append({"dir": str(Path(rm_source.run_dir).resolve()),
-                                   "hash": models.dir_hash(rm_source.run_dir), "stage": "rm"})
-    out = run.finish(m.lm, tok, {
+                                   "hash": sources.dir_hash(rm_source.run_dir), "stage": "rm"})
+    out = run.finish(nets.lm, tok, {
         "stage": "ppo",
         **lineage,
         "data": {"prompts": prompts.describe(), "ptx": ptx.describe() if ptx else None},

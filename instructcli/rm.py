@@ -9,11 +9,9 @@ from pathlib import Path
 
 import torch
 
-from instructcli import console, data, models, parallel, rlhf
-from instructcli.config import ModelConfig, RMConfig, check_reading, to_dict
+from instructcli import checkpoint, console, data, files, loop, models, parallel, rlhf, sources
+from instructcli.config import ModelConfig, RMConfig, to_dict
 from instructcli.errors import InstructError
-
-MAX_BAD_STEPS = 5
 
 
 def forward_groups(model, groups: list[list[list[int]]], starts: list[int], pad_id: int,
@@ -37,12 +35,12 @@ def padded(groups: list[torch.Tensor], ranks: list[list[int]]) -> tuple[torch.Te
 def train(cfg: RMConfig) -> Path:
     t, mc = cfg.train, cfg.model
     console.set_quiet(cfg.quiet)
-    run = models.RunDir(cfg.out, cfg.overwrite, cfg.resume)
+    run = checkpoint.RunDir(cfg.out, cfg.overwrite, cfg.resume)
 
     # 1. data
     rows = data.load(cfg.data, "comparisons", cfg.skip_invalid, console.warn)
     norm_rows = data.load(cfg.norm_data, "demonstrations", cfg.skip_invalid, console.warn) if cfg.norm_data else None
-    source = models.resolve(mc.model, console.log)
+    source = sources.resolve(mc.model, console.log)
     tok = models.load_tokenizer(source, mc.trust_remote_code)
     stats, examples = data.OverflowStats(), []
     for i, rec in enumerate(rows.records):
@@ -66,9 +64,8 @@ def train(cfg: RMConfig) -> Path:
                 f"in training; {stats.summary()}")
 
     # 2. model: base (with --from merged in) + LoRA + scalar head
-    models.seed_everything(t.seed)
+    checkpoint.seed_everything(t.seed)
     device = models.pick_device()
-    check_reading(cfg.pool, cfg.score_depth)
     model = models.new_reward_model(source.as_base(), mc, device, cfg.pool, cfg.score_depth)
     params = [p for p in model.parameters() if p.requires_grad]
     head = [p for p in model.head.parameters() if p.requires_grad]
@@ -83,17 +80,10 @@ def train(cfg: RMConfig) -> Path:
     console.log(f"rm: {len(train_set)} train / {len(eval_set)} eval prompts, {total} steps of "
                 f"{t.batch_size}x{t.grad_accum}{parallel.times()} prompts, {sum(p.numel() for p in params):,} "
                 f"trainable parameters, {mc.quant} base on {device}")
-    start, state = 0, None
-    if cfg.resume and (state := run.load_checkpoint(model, optimizer, scheduler)):
-        start = state["step"]
-        data.check_resume(state["extra"], per_step)
-        console.log(f"resumed from step {start}")
-    parallel.broadcast_params(params)  # every process starts from the same weights
-    if parallel.world > 1 and not state:  # own dropout masks per process
-        models.seed_everything(t.seed + parallel.rank)
-    run.create()
+    state = loop.start_or_resume(run, model, optimizer, scheduler, params, cfg.resume, t.seed, per_step)
+    start = state["step"] if state else 0
     metrics = console.Metrics(run.metrics_path)
-    order = data.EpochOrder(len(train_set), t.seed)
+    order = checkpoint.EpochOrder(len(train_set), t.seed)
 
     def evaluate() -> dict:
         model.eval()
@@ -113,12 +103,12 @@ def train(cfg: RMConfig) -> Path:
 
     # 3. the loop
     model.train()
-    guard, last = console.NonFiniteGuard(MAX_BAD_STEPS), {}
-    micro = console.MicroBatches(t.batch_size, t.auto_batch_size, t.grad_accum)
+    guard, last = loop.NonFiniteGuard(f"last good checkpoint in {run.ckpt_root}"), {}
+    micro = loop.MicroBatches(t.batch_size, t.auto_batch_size, t.grad_accum)
     if state:  # a micro-batch halved before the checkpoint stays halved: the same run, resumed
         micro.size = state["extra"].get("micro_batch", micro.size)
     t0 = time.time()
-    with console.Interrupt() as interrupt, console.Bar(total, "rm", completed=start) as bar:
+    with loop.Interrupt() as interrupt, console.Bar(total, "rm", completed=start) as bar:
         for step in range(start, total):
             def micro_step(chunk, share):  # the step's loss is the mean over its prompts (of all processes)
                 share /= parallel.world
@@ -136,12 +126,8 @@ def train(cfg: RMConfig) -> Path:
             step_acc = correct / max(pairs, 1)
             parallel.sync_grads(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
-            if not guard.ok(step + 1, step_loss, grad_norm, optimizer):
+            if (lr := loop.optimizer_step(guard, step + 1, step_loss, grad_norm, optimizer, scheduler)) is None:
                 continue
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
             n_seq = sum(len(e[0]) for e in examples)
@@ -156,14 +142,8 @@ def train(cfg: RMConfig) -> Path:
                 metrics.write(last)
             bar.update(1, f"loss {step_loss:.3f} acc {step_acc:.2f}" +
                        (f" eval acc {last['eval_accuracy']:.2f}" if "eval_accuracy" in last else ""))
-            stop = parallel.any_(interrupt.requested)  # every process stops at the same step
-            if (t.save_every and done % t.save_every == 0 and done < total) or (stop and done < total):
-                run.save_checkpoint(done, model, optimizer, scheduler,
-                                    {"micro_batch": micro.size, "examples_per_step": per_step}, t.keep_checkpoints)
-            if stop and done < total:
-                metrics.close()
-                console.stopped(done)
-                raise KeyboardInterrupt
+            loop.checkpoint_or_stop(run, done, total, interrupt, t.save_every, t.keep_checkpoints, model, optimizer,
+                                    scheduler, {"micro_batch": micro.size, "examples_per_step": per_step}, metrics)
     metrics.close()
 
     # 4. normalise (stored, applied whenever the RM scores): reference demonstrations score 0 on average, and
@@ -189,9 +169,9 @@ def train(cfg: RMConfig) -> Path:
         final.update(evaluate())
     out = run.finish(model, tok, {
         "stage": "rm",
-        **models.lineage(source),
+        **sources.lineage(source),
         "data": {**rows.describe(), "overflow": vars(stats)},
-        "reward_head": {"pool": model.pool, "layers": model.layers},  # how the head reads (models.reward_reading)
+        "reward_head": {"pool": model.pool, "layers": model.layers},  # how the head reads (sources.reward_reading)
         "reward_norm": {"bias": model.bias, "scale": model.scale, "n": len(reference),
                         "data": norm_rows.describe() if norm_rows else "best-ranked training responses",
                         "raw_std": ref_scores.std().item() if len(ref_scores) > 1 else 0.0,
@@ -210,7 +190,7 @@ def score(cfg) -> int:
     device = models.pick_device()
     model, tok, _ = models.load_reward_model(cfg.reward, ModelConfig(quant=cfg.quant, dtype=cfg.dtype), device,
                                              console.log)
-    with data.JsonlWriter(cfg.out) as out, console.Bar(len(samples.records), "score") as bar:
+    with files.JsonlWriter(cfg.out) as out, console.Bar(len(samples.records), "score") as bar:
         for s in samples.records:
             scores = models.reward_scores(model, tok, s.messages or [{"role": "user", "content": s.prompt}],
                                           s.responses, cfg.max_len, cfg.batch_size, s.extra.get("ended"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from instructcli import console, data, models
+from instructcli import console, data, files, generate, models, sources
 from instructcli.config import SampleConfig
 
 
@@ -10,7 +10,7 @@ def run(cfg: SampleConfig) -> int:
     mc = cfg.model
     console.set_quiet(cfg.quiet)
     prompts = data.load(cfg.prompts, "prompts", cfg.skip_invalid, console.warn)
-    source = models.resolve(mc.model, console.log)
+    source = sources.resolve(mc.model, console.log)
     tok = models.load_tokenizer(source, mc.trust_remote_code)
     rows = prompts.records
     encoded, cut = data.encode_prompts(tok, prompts, cfg.max_prompt_len)
@@ -19,8 +19,8 @@ def run(cfg: SampleConfig) -> int:
     device = models.pick_device()
     model = models.inference_model(source, mc, device)
     console.log(f"sample: {len(rows)} prompts x {cfg.n} from {mc.model} on {device}")
-    with data.JsonlWriter(cfg.out) as out, console.Bar(len(rows), "sample") as bar:
-        for b, outs in models.sample_batches(model, tok, encoded, cfg.n, cfg.temperature, cfg.top_p,
+    with files.JsonlWriter(cfg.out) as out, console.Bar(len(rows), "sample") as bar:
+        for b, outs in generate.sample_batches(model, tok, encoded, cfg.n, cfg.temperature, cfg.top_p,
                                              cfg.max_new_tokens, cfg.batch_size, cfg.seed, device):
             for p, seqs in zip(rows[b:b + cfg.batch_size], outs):
                 row = {"id": p.id, "prompt": p.prompt,

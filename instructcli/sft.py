@@ -8,21 +8,20 @@ from pathlib import Path
 
 import torch
 
-from instructcli import console, data, models, parallel, rlhf
+from instructcli import checkpoint, console, data, forward, loop, models, parallel, rlhf, sources
 from instructcli.config import SFTConfig, to_dict
 from instructcli.errors import InstructError
 
-MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
 
 
 def train(cfg: SFTConfig) -> Path:
     t, mc = cfg.train, cfg.model
     console.set_quiet(cfg.quiet)
-    run = models.RunDir(cfg.out, cfg.overwrite, cfg.resume)  # checks only; writes nothing yet
+    run = checkpoint.RunDir(cfg.out, cfg.overwrite, cfg.resume)  # checks only; writes nothing yet
 
     # 1. data: validate every row before anything is loaded or written
     rows = data.load(cfg.data, "demonstrations", cfg.skip_invalid, console.warn)
-    source = models.resolve(mc.model, console.log)
+    source = sources.resolve(mc.model, console.log)
     tok = models.load_tokenizer(source, mc.trust_remote_code)
     stats, examples = data.OverflowStats(), []
     for i, rec in enumerate(rows.records):
@@ -39,7 +38,7 @@ def train(cfg: SFTConfig) -> Path:
     train_set, eval_set = [examples[i] for i in train_idx], [examples[i] for i in eval_idx]
 
     # 2. model and optimiser
-    models.seed_everything(t.seed)
+    checkpoint.seed_everything(t.seed)
     device = models.pick_device()
     model = models.trainable_model(source.as_base(), mc, device)  # a run dir given as --model is merged in
     model.config.use_cache = False
@@ -56,20 +55,11 @@ def train(cfg: SFTConfig) -> Path:
                 f"{t.batch_size}x{t.grad_accum}{parallel.times()}, {n_trainable:,} trainable parameters, {mc.quant} "
                 f"base on {device}")
 
-    start, state = 0, None
-    if cfg.resume:
-        state = run.load_checkpoint(model, optimizer, scheduler)
-        if state:
-            start = state["step"]
-            data.check_resume(state["extra"], per_step)
-            console.log(f"resumed from step {start}")
-    parallel.broadcast_params(params)  # every process starts from the same weights
-    if parallel.world > 1 and not state:  # own dropout masks per process
-        models.seed_everything(t.seed + parallel.rank)
-    run.create()
+    state = loop.start_or_resume(run, model, optimizer, scheduler, params, cfg.resume, t.seed, per_step)
+    start = state["step"] if state else 0
     metrics = console.Metrics(run.metrics_path)
 
-    order = data.EpochOrder(len(train_set), t.seed)  # the data position is a function of the step: resumable
+    order = checkpoint.EpochOrder(len(train_set), t.seed)  # the data position is a function of the step: resumable
 
     def evaluate() -> float:
         model.eval()
@@ -79,7 +69,7 @@ def train(cfg: SFTConfig) -> Path:
             for b in range(0, len(mine), t.batch_size):
                 batch = {k: v.to(device) for k, v in data.collate(mine[b:b + t.batch_size],
                                                                   tok.pad_token_id).items()}
-                s, c = models.lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                s, c = forward.lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
                 loss_sum, n = loss_sum + s.item(), n + c
         model.train()
         loss_sum, n = parallel.sum_(loss_sum, n)
@@ -87,19 +77,19 @@ def train(cfg: SFTConfig) -> Path:
 
     # 3. the loop
     model.train()
-    guard, last = console.NonFiniteGuard(MAX_BAD_STEPS, f"last good checkpoint in {run.ckpt_root}"), {}
-    micro = console.MicroBatches(t.batch_size, t.auto_batch_size, t.grad_accum)
+    guard, last = loop.NonFiniteGuard(f"last good checkpoint in {run.ckpt_root}"), {}
+    micro = loop.MicroBatches(t.batch_size, t.auto_batch_size, t.grad_accum)
     if state:  # a micro-batch halved before the checkpoint stays halved: the same run, resumed
         micro.size = state["extra"].get("micro_batch", micro.size)
     t0 = time.time()
-    with console.Interrupt() as interrupt, console.Bar(total, "sft", completed=start) as bar:
+    with loop.Interrupt() as interrupt, console.Bar(total, "sft", completed=start) as bar:
         for step in range(start, total):
             examples = [train_set[order[step * per_step + i]] for i in range(per_step)]
             n_tokens = sum(sum(x != data.IGNORE_INDEX for x in ex[1][1:]) for ex in examples)
 
             def micro_step(mb, _share):  # the loss is per token of the whole step, however it is split
                 batch = {k: v.to(device) for k, v in data.collate(mb, tok.pad_token_id).items()}
-                loss = models.lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0] \
+                loss = forward.lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0] \
                     / max(n_tokens, 1)
                 loss.backward()
                 return loss.item()
@@ -108,12 +98,8 @@ def train(cfg: SFTConfig) -> Path:
             step_loss = parallel.sum_(sum(micro.run(step + 1, parallel.shard(examples), micro_step, optimizer)))[0]
             parallel.sync_grads(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
-            if not guard.ok(step + 1, step_loss, grad_norm, optimizer):
+            if (lr := loop.optimizer_step(guard, step + 1, step_loss, grad_norm, optimizer, scheduler)) is None:
                 continue
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
             last = {"step": done, "epoch": round(done * per_step / len(train_set), 4), "loss": step_loss,
@@ -126,14 +112,9 @@ def train(cfg: SFTConfig) -> Path:
                 last["peak_mem_mb"] = round(console.peak_memory_mb(), 1)
                 metrics.write(last)
             bar.update(1, f"loss {step_loss:.3f}" + (f" eval {last['eval_loss']:.3f}" if "eval_loss" in last else ""))
-            stop = parallel.any_(interrupt.requested)  # every process stops at the same step
-            if (t.save_every and done % t.save_every == 0 and done < total) or (stop and done < total):
-                run.save_checkpoint(done, model, optimizer, scheduler, {"tokens": n_tokens, "micro_batch": micro.size,
-                                    "examples_per_step": per_step}, t.keep_checkpoints)
-            if stop and done < total:
-                metrics.close()
-                console.stopped(done)
-                raise KeyboardInterrupt
+            loop.checkpoint_or_stop(run, done, total, interrupt, t.save_every, t.keep_checkpoints, model, optimizer,
+                                    scheduler, {"tokens": n_tokens, "micro_batch": micro.size,
+                                                "examples_per_step": per_step}, metrics)
     metrics.close()
 
     # 4. save: adapter (or full weights) + tokenizer + manifest, renamed into place
@@ -143,7 +124,7 @@ def train(cfg: SFTConfig) -> Path:
     out = run.finish(model, tok, {
         "stage": "sft",
         "full": mc.full,
-        **models.lineage(source),
+        **sources.lineage(source),
         "data": {**rows.describe(), "overflow": vars(stats)},
         "config": to_dict(cfg),
         "metrics": final,

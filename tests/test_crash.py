@@ -72,10 +72,10 @@ def curve(out: Path, stage: str) -> list[tuple]:
 
 def check_invariants(out: Path) -> int:
     """Nothing on disk is partial: returns how many checkpoints were checked."""
-    from instructcli import models
+    from instructcli import sources
 
     if out.exists():  # renamed into place only when complete: it must load
-        src = models.resolve(str(out))
+        src = sources.resolve(str(out))
         assert src.manifest["stage"] in ("sft", "rm", "ppo")
         load_file(str(out / "adapter_model.safetensors"))
     n = 0

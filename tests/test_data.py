@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import SAMPLES, write_jsonl
-from instructcli import data
+from instructcli import data, files
 from instructcli.errors import DataError, InstructError
 
 U = {"role": "user", "content": "hi"}
@@ -194,10 +194,10 @@ def test_collate_pads_right_for_training_and_left_for_prompts():
 def test_jsonl_writer_is_atomic(tmp_path):
     out = tmp_path / "o.jsonl"
     with pytest.raises(RuntimeError):
-        with data.JsonlWriter(str(out)) as w:
+        with files.JsonlWriter(str(out)) as w:
             w.write({"a": 1})
             raise RuntimeError("boom")
     assert not out.exists() and not list(tmp_path.iterdir())
-    with data.JsonlWriter(str(out)) as w:
+    with files.JsonlWriter(str(out)) as w:
         w.write({"a": 1})
     assert out.read_text() == '{"a": 1}\n'

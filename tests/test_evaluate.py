@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from instructcli import data, evaluate, models
+from instructcli import data, evaluate, models, sources
 from instructcli.config import ModelConfig
 
 
@@ -52,7 +52,7 @@ def test_summarize_outcome_distinct_and_quantiles():
 # --------------------------------------------------------------------------------------- measurements
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
-    src = models.resolve(str(tiny_dir))
+    src = sources.resolve(str(tiny_dir))
     return models.inference_model(src, ModelConfig(), "cpu"), models.load_tokenizer(src)
 
 
@@ -103,7 +103,7 @@ def test_truthfulness_picks_the_likeliest_choice(cli, tiny_dir, tmp_path):
     assert s["accuracy"] == 0.5 and s["questions"] == 2 and s["chance"] == pytest.approx(1 / 3)
     rows = [json.loads(x) for x in (tmp_path / "ev" / "truthfulness.jsonl").read_text().splitlines()]
     assert [x["pick"] for x in rows] == [0, 0] and [x["right"] for x in rows] == [True, False]
-    v = len(data.encode_continuation(models.load_tokenizer(models.resolve(str(uniform))), "sun"))
+    v = len(data.encode_continuation(models.load_tokenizer(sources.resolve(str(uniform))), "sun"))
     assert rows[0]["loglik"][0] == pytest.approx(-v * math.log(m.config.vocab_size), rel=1e-4)
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_jsonl
-from instructcli import config as C, models, ppo, rlhf, rm, sft
+from instructcli import config as C, forward, generate, models, ppo, rlhf, rm, sft
 from instructcli.errors import InstructError
 
 
@@ -48,7 +48,7 @@ def oom_above(fn, limit, size_of):
 def test_sft_auto_batch_size_halves_until_it_fits_with_the_same_update(tiny_dir, files, tmp_path, monkeypatch):
     _, demos, _, _ = files
     want = losses(sft.train(sft_cfg(tiny_dir, demos, tmp_path / "ref", batch_size=1, grad_accum=4)))
-    monkeypatch.setattr(models, "lm_loss_sum", oom_above(models.lm_loss_sum, 1, lambda m, ids, *a: ids.shape[0]))
+    monkeypatch.setattr(forward, "lm_loss_sum", oom_above(forward.lm_loss_sum, 1, lambda m, ids, *a: ids.shape[0]))
     got = losses(sft.train(sft_cfg(tiny_dir, demos, tmp_path / "auto", batch_size=4, auto_batch_size=True)))
     assert got == pytest.approx(want, abs=1e-5)
 
@@ -56,7 +56,7 @@ def test_sft_auto_batch_size_halves_until_it_fits_with_the_same_update(tiny_dir,
 def test_sft_out_of_memory_without_auto_names_the_batch_and_what_to_try(cli, tiny_dir, files, tmp_path,
                                                                          monkeypatch):
     _, demos, _, _ = files
-    monkeypatch.setattr(models, "lm_loss_sum", oom_above(models.lm_loss_sum, 2, lambda m, ids, *a: ids.shape[0]))
+    monkeypatch.setattr(forward, "lm_loss_sum", oom_above(forward.lm_loss_sum, 2, lambda m, ids, *a: ids.shape[0]))
     r = cli("sft", demos, "-m", tiny_dir, "-o", tmp_path / "o", "-b", 4, "--max-steps", 2, "--eval-frac", 0, "-q")
     assert r.code == 1, r
     assert "out of memory at step 1 with micro-batches of 4 (--batch-size): try --batch-size 2 --grad-accum 2" \
@@ -82,7 +82,7 @@ def test_ppo_out_of_memory_names_its_sizes(cli, tiny_dir, files, tmp_path, monke
     s = sft.train(sft_cfg(tiny_dir, demos, tmp_path / "sft", max_steps=1))
     rule = tmp_path / "rule.py"
     rule.write_text("def f(prompt, response):\n    return 1.0\n")
-    monkeypatch.setattr(models, "generate", oom_above(models.generate, 0, lambda *a, **k: 1))
+    monkeypatch.setattr(generate, "generate", oom_above(generate.generate, 0, lambda *a, **k: 1))
     r = cli("ppo", "--policy", s, "--reward", f"{rule}:f", "-p", prompts, "--ptx-coef", 0, "--steps", 1,
             "--rollout-batch-size", 4, "--mini-batch-size", 2, "-o", tmp_path / "ppo", "-q")
     assert r.code == 1, r
@@ -111,7 +111,7 @@ def finite_weights(run_dir) -> bool:
 
 def test_a_nan_loss_step_is_skipped_and_never_saved(tiny_dir, files, tmp_path, monkeypatch, capsys):
     _, demos, _, _ = files
-    monkeypatch.setattr(models, "lm_loss_sum", nan_on_calls(models.lm_loss_sum, {2}))
+    monkeypatch.setattr(forward, "lm_loss_sum", nan_on_calls(forward.lm_loss_sum, {2}))
     out = sft.train(sft_cfg(tiny_dir, demos, tmp_path / "o", save_every=1))
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 3, 4] and all(math.isfinite(x) for x in losses(out))
@@ -173,7 +173,7 @@ def test_ppo_skips_nan_rewards_and_advantages(tiny_dir, files, tmp_path, monkeyp
 
 def test_eval_out_of_memory_names_its_sizes(cli, tiny_dir, files, tmp_path, monkeypatch):
     _, _, _, prompts = files
-    monkeypatch.setattr(models, "generate", oom_above(models.generate, 0, lambda *a, **k: 1))
+    monkeypatch.setattr(generate, "generate", oom_above(generate.generate, 0, lambda *a, **k: 1))
     r = cli("eval", tiny_dir, "-p", prompts, "-o", tmp_path / "ev", "-b", 2, "--max-new-tokens", 5, "-q")
     assert r.code == 1, r
     assert "out of memory with --batch-size 2, -n 1, --max-new-tokens 5" in r.err and "Traceback" not in r.err

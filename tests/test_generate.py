@@ -1,4 +1,4 @@
-"""The sampling loop (models.generate) against transformers' own generate, and the sampling math."""
+"""The sampling loop (generate.generate) against transformers' own generate, and the sampling math."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from instructcli import data, models, rlhf
+from instructcli import data, decode_cpu, forward, generate, models, rlhf, sources
 from instructcli.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_dir):
-    src = models.resolve(str(tiny_dir))
+    src = sources.resolve(str(tiny_dir))
     tok = models.load_tokenizer(src)
     m = models.trainable_model(src.as_base(), ModelConfig(), "cpu")
     with torch.no_grad():  # a non-zero adapter: generation must go through it
@@ -50,7 +50,7 @@ def test_greedy_equals_transformers_generate_with_rows_leaving_early(lm, n):
     for eos in eos_choices(m, tok, prompts, 12):
         t = SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=eos)
         want = reference(m, tok, prompts, eos, 12)
-        got = models.generate(m, t, prompts, n, 0.0, 1.0, 12, "cpu")
+        got = generate.generate(m, t, prompts, n, 0.0, 1.0, 12, "cpu")
         assert [len(g) for g in got] == [n] * len(prompts)
         for g, w in zip(got, want):
             assert all(x == w for x in g)
@@ -63,7 +63,7 @@ def test_sampling_with_a_tiny_top_p_is_greedy(lm):
     eos = eos_choices(m, tok, prompts, 10)[0]
     t = SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=eos)
     torch.manual_seed(0)
-    assert models.generate(m, t, prompts, 2, 0.7, 1e-6, 10, "cpu") == \
+    assert generate.generate(m, t, prompts, 2, 0.7, 1e-6, 10, "cpu") == \
         [[w, w] for w in reference(m, tok, prompts, eos, 10)]
 
 
@@ -71,8 +71,8 @@ def test_a_cache_that_cannot_be_indexed_falls_back(lm, monkeypatch):
     m, tok, prompts = lm
     eos = eos_choices(m, tok, prompts, 10)[0]
     t = SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=eos)
-    monkeypatch.setattr(models, "_indexable", lambda cache: False)
-    assert models.generate(m, t, prompts, 2, 0.0, 1.0, 10, "cpu") == \
+    monkeypatch.setattr(generate, "_indexable", lambda cache: False)
+    assert generate.generate(m, t, prompts, 2, 0.0, 1.0, 10, "cpu") == \
         [[w, w] for w in reference(m, tok, prompts, eos, 10)]
 
 
@@ -80,7 +80,7 @@ def test_answers_are_cut_after_their_first_eos(lm):
     m, tok, prompts = lm
     torch.manual_seed(1)
     t = SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=eos_choices(m, tok, prompts, 10)[0])
-    for group in models.generate(m, t, prompts, 4, 1.0, 1.0, 10, "cpu"):
+    for group in generate.generate(m, t, prompts, 4, 1.0, 1.0, 10, "cpu"):
         for ans in group:
             assert 1 <= len(ans) <= 10
             assert t.eos_token_id not in ans[:-1]
@@ -126,16 +126,16 @@ def test_sampling_logprobs_equal_a_full_forward(lm, n):
     prompt + answer at the same temperature, entropy too; zero past each answer's end, rows leaving early."""
     m, tok, prompts = lm
     torch.manual_seed(3)  # with an EOS that never comes, then with the 3rd token of the first answer as EOS:
-    first = models.generate(m, SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=-1), prompts, n, 0.8,
+    first = generate.generate(m, SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=-1), prompts, n, 0.8,
                             0.9, 10, "cpu")  # the same draws until it comes, so that row leaves early
     t = SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=first[0][0][2])
     torch.manual_seed(3)
-    out, lp, ent = models.generate(m, t, prompts, n, 0.8, 0.9, 10, "cpu", logprobs=True)
+    out, lp, ent = generate.generate(m, t, prompts, n, 0.8, 0.9, 10, "cpu", logprobs=True)
     answers = [a for group in out for a in group]
     queries = [p for p in prompts for _ in range(n)]
     lens = [len(a) for a in answers]
     assert len(set(lens)) > 1 and lp.shape == ent.shape == (len(answers), max(lens))
-    want = models.response_logprobs(m, queries, answers, tok.pad_token_id, "cpu", temperature=0.8)
+    want = forward.response_logprobs(m, queries, answers, tok.pad_token_id, "cpu", temperature=0.8)
     ids, attn, pos, P = data.collate_rollout(queries, answers, tok.pad_token_id, "cpu")
     with torch.no_grad():
         logits = m(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1] / 0.8
@@ -158,12 +158,12 @@ def test_decode_linears_compute_what_the_layers_do_and_are_undone(lm):
         want = m(input_ids=ids).logits
         with m.disable_adapter():
             want_off = m(input_ids=ids).logits
-        with models.decode_linears(m):
+        with decode_cpu.decode_linears(m):
             assert all("forward" in x.__dict__ for x in lora + plain)
             got = m(input_ids=ids).logits
             with m.disable_adapter():
                 got_off = m(input_ids=ids).logits
-        with models.decode_linears(m, lora=False):  # peft's LoRA forward over decode-form linears
+        with decode_cpu.decode_linears(m, lora=False):  # peft's LoRA forward over decode-form linears
             assert not any("forward" in x.__dict__ for x in lora)
             assert all("forward" in x.base_layer.__dict__ for x in lora)
             torch.testing.assert_close(m(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
@@ -173,9 +173,9 @@ def test_decode_linears_compute_what_the_layers_do_and_are_undone(lm):
     assert (want - want_off).abs().max() > 1e-2  # the adapter counts: dropping its term would fail above
     lin = torch.nn.Linear(7, 5)  # with a bias, over a 3-d input; 6 rows (as is) and 9 (padded to 16)
     for x in (torch.randn(3, 2, 7), torch.randn(3, 3, 7), torch.randn(0, 7)):  # and no rows at all
-        with models.decode_linears(lin):
+        with decode_cpu.decode_linears(lin):
             torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
-    with models.decode_linears(lin), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: its own forward
+    with decode_cpu.decode_linears(lin), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: its own forward
         assert lin(torch.randn(2, 7)).dtype == torch.bfloat16
 
 
@@ -184,7 +184,7 @@ def test_preallocated_cache_appends_like_concatenation(lm):
     buffer that runs out of room and rows leaving the batch."""
     m, tok, prompts = lm
     b = data.collate_prompts(prompts, tok.pad_token_id)
-    kv = models._cache_name(m)
+    kv = generate._cache_name(m)
     runs = []
     for prealloc in (False, True):
         attn = b["attention_mask"]
@@ -193,12 +193,12 @@ def test_preallocated_cache_appends_like_concatenation(lm):
             step = m(input_ids=b["input_ids"], attention_mask=attn, position_ids=pos, use_cache=True)
             cache, nxt, logits = step[kv], pos[:, -1:] + 1, []
             if prealloc:
-                models._preallocate(cache, 2)  # room for 2 tokens: the third append finds it full
+                generate._preallocate(cache, 2)  # room for 2 tokens: the third append finds it full
             tokens = step.logits[:, -1].argmax(-1)
             for t in range(5):
                 if t == 3:  # rows 0 and 2 leave
                     keep = torch.tensor([1, 3])
-                    models._select_rows(cache, keep)
+                    generate._select_rows(cache, keep)
                     if prealloc:  # rows picked in the buffers themselves: the old ones are gone already
                         assert all(x._instruct_buf[0].shape[0] == 2
                                    and x.keys.data_ptr() == x._instruct_buf[0].data_ptr() for x in cache.layers)
@@ -249,7 +249,7 @@ def test_decode_lora_matches_peft_or_falls_back(kind):
     want = m(x)
     cls.forward = counted
     try:
-        with models.decode_linears(m):
+        with decode_cpu.decode_linears(m):
             torch.manual_seed(1)
             got = m(x)
     finally:
@@ -275,6 +275,6 @@ def test_answers_stop_at_the_templates_end_of_turn_when_it_is_not_eos(lm, tiny_d
     stop = eos_choices(m, tok, prompts, 10)[0]  # a token some greedy answers emit: it plays the end-of-turn
     fake = SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=None, chat_template="x", _instruct_eot=stop)
     want = reference(m, tok, prompts, stop, 10)
-    assert models.generate(m, fake, prompts, 1, 0.0, 1.0, 10, "cpu") == [[w] for w in want]
+    assert generate.generate(m, fake, prompts, 1, 0.0, 1.0, 10, "cpu") == [[w] for w in want]
     assert any(len(w) < 10 for w in want)
     assert data.ended(fake, want[0]) == (want[0][-1] == stop)

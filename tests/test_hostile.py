@@ -233,7 +233,7 @@ def test_a_checkpoint_from_another_model_shape_is_refused_in_one_line(tmp_path):
     InstructError naming the checkpoint, not a raw ValueError."""
     import torch
 
-    from instructcli import models
+    from instructcli import checkpoint
     from instructcli.errors import InstructError
 
     def setup(n_params):
@@ -243,7 +243,7 @@ def test_a_checkpoint_from_another_model_shape_is_refused_in_one_line(tmp_path):
         opt.step()
         return net, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
-    run = models.RunDir(str(tmp_path / "out"))
+    run = checkpoint.RunDir(str(tmp_path / "out"))
     run.create()
     net, opt, sch = setup(2)
     run.save_checkpoint(1, net, opt, sch, {}, 2)
@@ -251,6 +251,6 @@ def test_a_checkpoint_from_another_model_shape_is_refused_in_one_line(tmp_path):
     for p in list(net1.parameters())[:2]:  # one parameter fewer in training now
         p.requires_grad_(False)
     opt1 = torch.optim.AdamW([p for p in net1.parameters() if p.requires_grad])
-    resumed = models.RunDir(str(tmp_path / "out"), resume=True)
+    resumed = checkpoint.RunDir(str(tmp_path / "out"), resume=True)
     with pytest.raises(InstructError, match="does not fit this model"):
         resumed.load_checkpoint(net1, opt1, sch1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import SAMPLES, write_jsonl
-from instructcli import config as C, data, models, ppo, rlhf, sft
+from instructcli import checkpoint, config as C, data, forward, models, ppo, rlhf, sft, sources
 
 LORA = "q_proj,v_proj,lm_head"  # the tiny random model needs its output layer adapted to move quickly
 
@@ -55,7 +55,7 @@ def test_ppo_raises_a_programmatic_reward_with_finite_kl(setup, tmp_path):
 
 
 def lm_loss(run_dir, texts_path, tok_dir):
-    source = models.resolve(str(run_dir))
+    source = sources.resolve(str(run_dir))
     model = models.inference_model(source, C.ModelConfig(), "cpu")
     tok = models.load_tokenizer(source)
     rows = [data.encode_text(tok, r.text)[:128] for r in data.load(str(texts_path), "pretraining").records[:24]]
@@ -77,16 +77,16 @@ def test_ptx_keeps_the_lm_loss_lower_than_plain_ppo(setup, tmp_path):
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(setup, tmp_path, monkeypatch):
     a = ppo.train(cfg(setup, tmp_path / "a", steps=4, save_every=2))
-    original = models.RunDir.save_checkpoint
+    original = checkpoint.RunDir.save_checkpoint
 
     def crash(self, step, *args, **kw):
         original(self, step, *args, **kw)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models.RunDir, "save_checkpoint", crash)
+    monkeypatch.setattr(checkpoint.RunDir, "save_checkpoint", crash)
     with pytest.raises(KeyboardInterrupt):
         ppo.train(cfg(setup, tmp_path / "b", steps=4, save_every=2))
-    monkeypatch.setattr(models.RunDir, "save_checkpoint", original)
+    monkeypatch.setattr(checkpoint.RunDir, "save_checkpoint", original)
     b = ppo.train(cfg(setup, tmp_path / "b", steps=4, save_every=2, resume=True))
     ma, mb = metrics(a), metrics(b)
     assert [x["step"] for x in mb] == [1, 2, 3, 4]
@@ -104,7 +104,7 @@ def test_8bit_base_takes_ppo_steps_on_cpu(setup, tmp_path):
 def test_one_copy_of_the_base_weights(setup, tiny_dir):
     from transformers import AutoModelForCausalLM
 
-    m, _ = models.ppo_models(models.resolve(str(setup[1])), setup[3], C.ModelConfig(lora_targets=LORA), "cpu")
+    m, _ = models.ppo_models(sources.resolve(str(setup[1])), setup[3], C.ModelConfig(lora_targets=LORA), "cpu")
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
     storages = {}
     for n, p in m.named_parameters(remove_duplicate=False):
@@ -124,7 +124,7 @@ def test_reward_model_path_value_initialised_from_rm(setup, tiny_dir, tmp_path, 
                                              for i in range(8)])
     rm_cfg = dict(data=str(cmp), quiet=True, train=C.TrainConfig(max_steps=2, batch_size=4, eval_frac=0))
     rm_dir = rm.train(C.RMConfig(out=str(tmp_path / "rm"), model=C.ModelConfig(model=str(sft_dir)), **rm_cfg))
-    m, rm_source = models.ppo_models(models.resolve(str(sft_dir)), str(rm_dir), C.ModelConfig(), "cpu")
+    m, rm_source = models.ppo_models(sources.resolve(str(sft_dir)), str(rm_dir), C.ModelConfig(), "cpu")
     assert torch.allclose(m.value_head.weight, m.reward.head.weight * m.reward.scale) and m.reward.bias != 0.0
     # PPO's scores are (raw - bias) x scale: the value head starts on that scale
     assert m.reward.scale > 0 and m.reward.scale != 1.0
@@ -219,7 +219,7 @@ def test_ppo_scores_the_tokens_as_sampled_so_a_cut_off_answer_has_no_end_of_turn
 
     monkeypatch.setattr(models.RewardModel, "score", spy)
     ppo.train(cfg(setup, tmp_path / "ppo", reward=str(rm_dir), steps=1, max_new_tokens=3, model=C.ModelConfig()))
-    tok = models.load_tokenizer(models.resolve(str(sft_dir)))
+    tok = models.load_tokenizer(sources.resolve(str(sft_dir)))
     eot = data.end_of_turn_id(tok)
     queries, _ = data.encode_prompts(tok, data.load(str(prompts), "prompts"), 256)
     assert len(scored) == 8 and eot is not None
@@ -245,13 +245,13 @@ def test_mean_pooled_rm_and_its_value_head_agree_at_the_start(setup, tmp_path, l
                                  model=C.ModelConfig(model=str(sft_dir)),
                                  train=C.TrainConfig(max_steps=3, batch_size=4, eval_frac=0)))
     assert json.loads((rm_dir / "instruct.json").read_text())["config"]["pool"] == "mean"
-    m, _ = models.ppo_models(models.resolve(str(sft_dir)), str(rm_dir), C.ModelConfig(), "cpu")
+    m, _ = models.ppo_models(sources.resolve(str(sft_dir)), str(rm_dir), C.ModelConfig(), "cpu")
     m.eval()  # as ppo runs it: the RM's adapter was trained with dropout
     assert m.reward.layers == m.layers == layer
     if layer:  # the reward adapter lives only where the head reads: the first layer
         assert {n.split(".layers.")[1].split(".")[0] for n, _ in m.lm.named_parameters() if ".reward." in n} == {"0"}
     assert m.reward.head.in_features == m.value_head.in_features == 2 * m.lm.config.hidden_size
-    tok = models.load_tokenizer(models.resolve(str(sft_dir)))
+    tok = models.load_tokenizer(sources.resolve(str(sft_dir)))
     q = data.encode_prompt(tok, [{"role": "user", "content": "Q1?"}])
     ids = torch.tensor([q + tok.encode("yes yes", add_special_tokens=False) + [tok.eos_token_id]])
     mask, starts = torch.ones_like(ids), torch.tensor([len(q)])
@@ -259,9 +259,9 @@ def test_mean_pooled_rm_and_its_value_head_agree_at_the_start(setup, tmp_path, l
         m.use(models.REWARD)
         score = m.reward.score(ids, mask, starts)
         m.use(models.VALUE)
-        h = models.hidden_states(m.lm, ids, mask, layers=layer).float()
-        values = m.value_head(models.score_features(h, mask, starts, "mean")).squeeze(-1)
-        full = models.hidden_states(m.lm, ids, mask).float()
+        h = forward.hidden_states(m.lm, ids, mask, layers=layer).float()
+        values = m.value_head(forward.score_features(h, mask, starts, "mean")).squeeze(-1)
+        full = forward.hidden_states(m.lm, ids, mask).float()
     assert values[0, -1].item() == pytest.approx(score.item(), abs=1e-4)
     assert len(m.lm.get_base_model().get_decoder().layers) == 2  # the shared base is whole again
     assert layer == 0 or not torch.allclose(h, full)  # read after the first layer, not the last

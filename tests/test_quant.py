@@ -11,7 +11,7 @@ from bitsandbytes.nn import Linear4bit
 from bitsandbytes.nn import modules as bnb_modules
 
 from conftest import build_tiny_model
-from instructcli import console, models
+from instructcli import console, env, models, sources
 from instructcli.config import ModelConfig
 
 HAS_PACKED_KERNEL = bnb_modules.has_avx512bf16()  # this machine's, before any test forces a path
@@ -37,7 +37,7 @@ def test_the_width_rule_is_the_packing_codes_own(mixed_dir, monkeypatch):
     force_path(monkeypatch, True)
     warnings = []
     monkeypatch.setattr(console, "warn", warnings.append)
-    model = models.load_base(models.resolve(str(mixed_dir)), ModelConfig(quant="4bit"), "cpu")
+    model = models.load_base(sources.resolve(str(mixed_dir)), ModelConfig(quant="4bit"), "cpu")
     k = kinds(model)
     left = sorted(n for n, t in k.items() if t == "Linear")
     assert left == [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in ("k", "v")]
@@ -56,7 +56,7 @@ def test_the_width_rule_is_the_packing_codes_own(mixed_dir, monkeypatch):
 
 @pytest.mark.skipif(not HAS_PACKED_KERNEL, reason="the packed kernel runs only on CPUs with AVX512-BF16")
 def test_packed_path_runs_with_the_fallback(mixed_dir):
-    model = models.load_base(models.resolve(str(mixed_dir)), ModelConfig(quant="4bit"), "cpu")
+    model = models.load_base(sources.resolve(str(mixed_dir)), ModelConfig(quant="4bit"), "cpu")
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
     assert any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
@@ -69,7 +69,7 @@ def test_plain_path_quantizes_every_width(tiny_dir, monkeypatch):
     warnings = []
     monkeypatch.setattr(console, "warn", warnings.append)
     assert models.four_bit_path("cpu") == "plain"
-    model = models.load_base(models.resolve(str(tiny_dir)), ModelConfig(quant="4bit"), "cpu")
+    model = models.load_base(sources.resolve(str(tiny_dir)), ModelConfig(quant="4bit"), "cpu")
     assert set(kinds(model).values()) == {"Linear4bit"} and not warnings
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
@@ -92,6 +92,6 @@ def test_odd_width_model_trains_under_4bit_through_the_cli(cli, tiny_dir, tmp_pa
 
 def test_env_names_the_4bit_kernel(monkeypatch):
     force_path(monkeypatch, True)
-    assert models.environment()["quant_4bit_kernel"].startswith("AVX512-BF16 packed (4-bit layers need out width")
+    assert env.environment()["quant_4bit_kernel"].startswith("AVX512-BF16 packed (4-bit layers need out width")
     force_path(monkeypatch, False)
-    assert models.environment()["quant_4bit_kernel"] == "plain"
+    assert env.environment()["quant_4bit_kernel"] == "plain"

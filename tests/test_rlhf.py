@@ -76,7 +76,7 @@ def test_last_token_index_left_and_right_padding():
 
 
 def test_non_finite_guard_skips_and_aborts():
-    from instructcli.console import NonFiniteGuard
+    from instructcli.loop import NonFiniteGuard
     from instructcli.errors import InstructError
 
     p = torch.nn.Parameter(torch.ones(2))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from instructcli import models
+from instructcli import checkpoint, forward, models, sources
 
 ROWS = [
     {"prompt": "What colour is the sky?", "response": "Blue."},
@@ -61,7 +61,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(cli, tiny_dir, demos,
     args = ["--model", tiny_dir, "--max-steps", 6, "-b", 2, "--save-every", 2, "--eval-frac", 0,
             "--lora-dropout", 0.1, "-q"]  # dropout: the RNG state must be restored too
     assert cli("sft", demos, "-o", tmp_path / "a", *args).code == 0
-    original = models.RunDir.save_checkpoint
+    original = checkpoint.RunDir.save_checkpoint
 
     def crash_after_step_4(self, step, *a, **kw):
         path = original(self, step, *a, **kw)
@@ -69,10 +69,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(cli, tiny_dir, demos,
             raise KeyboardInterrupt  # killed right after the checkpoint was written
         return path
 
-    monkeypatch.setattr(models.RunDir, "save_checkpoint", crash_after_step_4)
+    monkeypatch.setattr(checkpoint.RunDir, "save_checkpoint", crash_after_step_4)
     r = cli("sft", demos, "-o", tmp_path / "b", *args)
     assert r.code == 130 and not (tmp_path / "b").exists() and (tmp_path / "b.partial/checkpoints/step-4").is_dir()
-    monkeypatch.setattr(models.RunDir, "save_checkpoint", original)
+    monkeypatch.setattr(checkpoint.RunDir, "save_checkpoint", original)
     r = cli("sft", demos, "-o", tmp_path / "b", *args, "--resume")
     assert r.code == 0, r
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
@@ -114,7 +114,7 @@ def test_crash_during_save_leaves_no_output_dir(cli, tiny_dir, demos, tmp_path, 
     def boom():
         raise OSError("disk full")
 
-    monkeypatch.setattr(models, "versions", boom)  # fails inside finish(), after the weights are written
+    monkeypatch.setattr(checkpoint, "versions", boom)  # fails inside finish(), after the weights are written
     r = cli("sft", demos, "-o", tmp_path / "sft", "--model", tiny_dir, "--max-steps", 1, "-q")
     assert r.code == 1 and "disk full" in r.err
     assert not (tmp_path / "sft").exists()
@@ -126,7 +126,7 @@ def test_quantized_lora_training_steps_on_cpu(wide_dir, quant):
     from instructcli import data, rlhf
     from transformers import AutoTokenizer
 
-    source = models.resolve(str(wide_dir))
+    source = sources.resolve(str(wide_dir))
     model = models.trainable_model(source, ModelConfig(model=str(wide_dir), quant=quant, lora_r=4), "cpu")
     # state_dict, not parameters: on AVX512-BF16 CPUs a 4-bit weight is repacked in place at the first no-grad
     # forward, and bitsandbytes' state_dict gives its codes back in the stored layout
@@ -161,13 +161,13 @@ def test_quantized_lora_training_steps_on_cpu(wide_dir, quant):
 @pytest.mark.parametrize("targets,quant", [("all-linear", "none"), ("q_proj,v_proj,lm_head", "none"),
                                            ("all-linear", "8bit")])
 def test_loss_at_labelled_positions_only_equals_the_full_logits_loss(tiny_dir, targets, quant):
-    """models.lm_loss_sum skips the LM head where nothing is predicted; value and gradients must not change."""
+    """forward.lm_loss_sum skips the LM head where nothing is predicted; value and gradients must not change."""
     from instructcli.config import ModelConfig
     from instructcli import data, rlhf
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
-    model = models.trainable_model(models.resolve(str(tiny_dir)),
+    model = models.trainable_model(sources.resolve(str(tiny_dir)),
                                    ModelConfig(lora_targets=targets, lora_dropout=0.0, quant=quant), "cpu")
     for n, p in model.named_parameters():  # LoRA B starts at 0: move it so the adapter matters
         if "lora_B" in n:
@@ -180,7 +180,7 @@ def test_loss_at_labelled_positions_only_equals_the_full_logits_loss(tiny_dir, t
     full, n_full = rlhf.lm_loss_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                     batch["labels"])
     g_full = torch.autograd.grad(full, params)
-    part, n_part = models.lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    part, n_part = forward.lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     g_part = torch.autograd.grad(part, params)
     assert n_part == n_full > 0
     assert part.item() == pytest.approx(full.item(), rel=1e-5)
@@ -191,7 +191,7 @@ def test_loss_at_labelled_positions_only_equals_the_full_logits_loss(tiny_dir, t
 def test_lora_layers_adapts_only_the_top_layers(tiny_dir, cli, demos, tmp_path):
     from instructcli.config import ModelConfig
 
-    model = models.trainable_model(models.resolve(str(tiny_dir)), ModelConfig(lora_layers=1), "cpu")
+    model = models.trainable_model(sources.resolve(str(tiny_dir)), ModelConfig(lora_layers=1), "cpu")
     adapted = {n.split(".layers.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert adapted == {"1"}  # of layers 0 and 1
     r = cli("sft", demos, "-o", tmp_path / "x", "--model", tiny_dir, "--lora-layers", 3, "--max-steps", 1)
