@@ -210,7 +210,7 @@ def eval_(model: Annotated[str, typer.Argument(help="Run dir (sft, ppo), model d
          "on stderr, JSON on stdout, per-prompt rows in --out.")
 def compare(items: Annotated[list[str], typer.Argument(help="Two or more model/run dirs or samples files; the "
                                                        "first is the baseline.")], cfg: C.CompareConfig):
-    from instructcli import evaluate as stage, loop
+    from instructcli import compare as stage, loop
 
     with loop.OutOfMemory(lambda: f"with --batch-size {cfg.batch_size}, --max-new-tokens {cfg.max_new_tokens}: "
                                   "try smaller ones, or --quant 8bit"):

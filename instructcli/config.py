@@ -122,27 +122,74 @@ OUT = ("--out", "-o")
 PROMPTS = ("--prompts", "-p")
 
 
+def _then(cls, self):
+    """Run the __post_init__ further along the MRO, so every group's checks run."""
+    nxt = getattr(super(cls, self), "__post_init__", None)
+    if nxt:
+        nxt()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """The run options of the training stages."""
+
+    skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
+    overwrite: bool = opt(False, RUN_HELP["overwrite"])
+    resume: bool = opt(False, RUN_HELP["resume"])
+    quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Weights:
+    """How the commands that only read a model load its base."""
+
+    quant: str = opt("none", ModelConfig.__dataclass_fields__["quant"].metadata["help"])
+    dtype: str = opt("auto", ModelConfig.__dataclass_fields__["dtype"].metadata["help"])
+
+    def __post_init__(self):
+        check_choice("quant", self.quant, QUANTS)
+        check_choice("dtype", self.dtype, DTYPES)
+        _then(Weights, self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Generation:
+    """Sampling of the commands that make a model answer prompts."""
+
+    temperature: float = opt(0.7, "Sampling temperature; 0 = greedy.")
+    top_p: float = opt(1.0, "Nucleus sampling threshold.")
+    max_new_tokens: int = opt(128, "Max tokens per response.")
+    max_prompt_len: int = opt(512, "Longer prompts keep their last tokens.")
+    batch_size: int = opt(8, "Prompts per generate call.", ("--batch-size", "-b"))
+    seed: int = opt(0, SEED_HELP)
+    skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
+    quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
+
+    def __post_init__(self):
+        check_sampling(self.temperature, self.top_p)
+        check_positive(self, "max_new_tokens", "max_prompt_len", "batch_size")
+        _then(Generation, self)
+
+
+BOOTSTRAP_HELP = "Bootstrap resamples for the 95 % confidence intervals."
+
+
 # ------------------------------------------------------------------------------------------ stages
-@dataclass(frozen=True)
-class SFTConfig:
+@dataclass(frozen=True, kw_only=True)
+class SFTConfig(RunOptions):
     data: str = arg()
     out: str = opt("runs/sft", OUT_HELP, OUT)
     model: ModelConfig = opt(factory=ModelConfig)
     train: TrainConfig = opt(factory=TrainConfig)
     max_len: int = opt(512, "Max tokens per example (prompt + response).")
     overflow: str = opt("truncate", "Longer examples: truncate | drop | error.")
-    skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
-    overwrite: bool = opt(False, RUN_HELP["overwrite"])
-    resume: bool = opt(False, RUN_HELP["resume"])
-    quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
-
     def __post_init__(self):
         check_choice("overflow", self.overflow, OVERFLOWS)
         check_positive(self, "max_len")
 
 
-@dataclass(frozen=True)
-class RMConfig:
+@dataclass(frozen=True, kw_only=True)
+class RMConfig(RunOptions):
     HELP: ClassVar[dict] = {  # the shared fields' help, as it reads for this stage
         "epochs": "Passes over the training prompts (the paper: 1).",
         "lr": "Peak learning rate (the adapter's).",
@@ -167,11 +214,6 @@ class RMConfig:
     head_lr: float = opt(1e-2, "Learning rate of the score head (0 = --lr).")
     score_depth: float = opt(0.5, "The head reads the hidden states after this share of the decoder layers "
                              "(1 = all); the layers above never run.")
-    skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
-    overwrite: bool = opt(False, RUN_HELP["overwrite"])
-    resume: bool = opt(False, RUN_HELP["resume"])
-    quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
-
     def __post_init__(self):
         check_choice("pool", self.pool, POOLS)
         if not 0 < self.score_depth <= 1:
@@ -184,8 +226,8 @@ class RMConfig:
             object.__setattr__(self, "model", replace(self.model, model=self.from_dir))
 
 
-@dataclass(frozen=True)
-class PPOConfig:
+@dataclass(frozen=True, kw_only=True)
+class PPOConfig(RunOptions):
     CLI_SKIP: ClassVar[tuple] = ("model", "full")  # --policy names the model
 
     policy: str = opt(help="The sft run dir to optimise (also the KL reference).")
@@ -228,11 +270,6 @@ class PPOConfig:
     save_every: int = opt(10, "Resumable checkpoint every N steps (0 = none).")
     keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.")
     seed: int = opt(0, SEED_HELP)
-    skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
-    overwrite: bool = opt(False, RUN_HELP["overwrite"])
-    resume: bool = opt(False, RUN_HELP["resume"])
-    quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
-
     def __post_init__(self):
         if self.model.model == "default":  # the policy is the model the run trains on
             object.__setattr__(self, "model", replace(self.model, model=self.policy))
@@ -250,39 +287,22 @@ class PPOConfig:
 
 
 # ------------------------------------------------------------------------------- using a model
-TEMPERATURE_HELP = "Sampling temperature; 0 = greedy."
-TOP_P_HELP = "Nucleus sampling threshold."
-MAX_NEW_HELP = "Max tokens per response."
-MAX_PROMPT_HELP = "Longer prompts keep their last tokens."
-BOOTSTRAP_HELP = "Bootstrap resamples for the 95 % confidence intervals."
-QUANT_HELP = ModelConfig.__dataclass_fields__["quant"].metadata["help"]
-DTYPE_HELP = ModelConfig.__dataclass_fields__["dtype"].metadata["help"]
-
-
-def check_generation(cfg) -> None:
-    check_sampling(cfg.temperature, cfg.top_p)
-    check_positive(cfg, "max_new_tokens", "max_prompt_len", "batch_size")
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
+@dataclass(frozen=True, kw_only=True)
+class ScoreConfig(Weights):
     reward: str = arg()
     samples: str = arg()
     out: str = opt("-", "Scored samples JSONL; - = stdout.", OUT)
     batch_size: int = opt(16, "Responses per forward.", ("--batch-size", "-b"))
     max_len: int = opt(1024, "Max tokens per prompt + response (longer: end cut).")
-    quant: str = opt("none", QUANT_HELP)
-    dtype: str = opt("auto", DTYPE_HELP)
     skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
     quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
 
     def __post_init__(self):
-        check_choice("quant", self.quant, QUANTS)
-        check_choice("dtype", self.dtype, DTYPES)
+        super().__post_init__()
         check_positive(self, "batch_size", "max_len")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LabelConfig:
     samples: str = arg()
     out: str = opt(help="Comparisons JSONL: appended to, resumed from.", flags=OUT)
@@ -290,7 +310,7 @@ class LabelConfig:
                      "scoring (prompt, response).")
     noise: float = opt(0.0, "With --judge: swap adjacent ranks with this probability, as simulated labelers do.")
     seed: int = opt(0, SEED_HELP)
-    quant: str = opt("none", QUANT_HELP)
+    quant: str = opt("none", ModelConfig.__dataclass_fields__["quant"].metadata["help"])
 
     def __post_init__(self):
         check_choice("quant", self.quant, QUANTS)
@@ -298,31 +318,24 @@ class LabelConfig:
             raise InstructError(f"--noise: must be in [0, 1], got {self.noise}", 2)
 
 
-@dataclass(frozen=True)
-class SampleConfig:
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig(Generation):
     CLI_SKIP: ClassVar[tuple] = INFERENCE_ONLY
 
     model: ModelConfig = opt(factory=ModelConfig)  # model.model is the positional MODEL
     prompts: str = opt("-", "Prompts JSONL; - = stdin.", PROMPTS)
     out: str = opt("-", "Samples JSONL to write; - = stdout.", OUT)
     n: int = opt(1, "Samples per prompt (K).", ("-n",))
-    temperature: float = opt(0.7, TEMPERATURE_HELP)
-    top_p: float = opt(1.0, TOP_P_HELP)
-    max_new_tokens: int = opt(128, MAX_NEW_HELP)
-    max_prompt_len: int = opt(512, MAX_PROMPT_HELP)
-    batch_size: int = opt(8, "Prompts per generate call.", ("--batch-size", "-b"))
-    seed: int = opt(0, SEED_HELP)
-    skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
-    quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
 
     def __post_init__(self):
-        check_generation(self)
+        super().__post_init__()
         check_positive(self, "n")
 
 
-@dataclass(frozen=True)
-class EvalConfig:
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(Generation):
     CLI_SKIP: ClassVar[tuple] = INFERENCE_ONLY
+    HELP: ClassVar[dict] = {"batch_size": "Sequences per forward."}
 
     model: ModelConfig = opt(factory=ModelConfig)  # model.model is the positional MODEL
     prompts: str = opt("", "Prompts JSONL: the model answers them; length, distinct-n, KL to --ref, and reward "
@@ -337,51 +350,31 @@ class EvalConfig:
     report: str = opt("", "Dir for report.md with PNG plots (reward, KL, toxicity, training curves).")
     out: str = opt("", "Dir for summary.json and per-row JSONL; default evals/<model name>.", OUT)
     n: int = opt(1, "Answers per prompt.", ("-n",))
-    temperature: float = opt(0.7, TEMPERATURE_HELP)
-    top_p: float = opt(1.0, TOP_P_HELP)
-    max_new_tokens: int = opt(128, MAX_NEW_HELP)
-    max_prompt_len: int = opt(512, MAX_PROMPT_HELP)
     max_len: int = opt(1024, "Max tokens per --lm-data row (longer: end cut).")
-    batch_size: int = opt(8, "Sequences per forward.", ("--batch-size", "-b"))
     bootstrap: int = opt(10000, BOOTSTRAP_HELP)
-    seed: int = opt(0, SEED_HELP)
-    skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
     overwrite: bool = opt(False, "Replace a non-empty output dir.")
-    quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
 
     def __post_init__(self):
-        check_generation(self)
+        super().__post_init__()
         check_positive(self, "n", "max_len", "bootstrap")
 
 
-@dataclass(frozen=True)
-class CompareConfig:
+@dataclass(frozen=True, kw_only=True)
+class CompareConfig(Weights, Generation):
     items: tuple[str, ...] = arg()  # model/run dirs or samples files; the first is the baseline
     judge: str = opt(help="rm:DIR (a reward model), path/rule.py:function (runs that local Python file), or human "
                      "(blind pairs in the label UI).")
     prompts: str = opt("", "Prompts JSONL, needed when an item is a model: each answers every prompt once, with "
                        "the same seed.", PROMPTS)
     out: str = opt("compare.jsonl", "Per-prompt JSONL (responses, scores, outcomes).", OUT)
-    temperature: float = opt(0.7, TEMPERATURE_HELP)
-    top_p: float = opt(1.0, TOP_P_HELP)
-    max_new_tokens: int = opt(128, MAX_NEW_HELP)
-    max_prompt_len: int = opt(512, MAX_PROMPT_HELP)
-    batch_size: int = opt(8, "Prompts per generate call.", ("--batch-size", "-b"))
     bootstrap: int = opt(10000, BOOTSTRAP_HELP)
-    seed: int = opt(0, SEED_HELP)
-    quant: str = opt("none", QUANT_HELP)
-    dtype: str = opt("auto", DTYPE_HELP)
-    skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
-    quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
 
     def __post_init__(self):
-        check_choice("quant", self.quant, QUANTS)
-        check_choice("dtype", self.dtype, DTYPES)
-        check_generation(self)
+        super().__post_init__()
         check_positive(self, "bootstrap")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExportConfig:
     run_dir: str = arg()
     out: str = arg()

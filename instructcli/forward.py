@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from instructcli import data, rlhf
+from instructcli import batches, rlhf
 
 
 # Families whose logits are exactly lm_head(final hidden state): no scaling or soft-capping after the head
@@ -81,7 +81,7 @@ def response_logprobs(model, queries: list[list[int]], responses: list[list[int]
     with torch.no_grad():
         for b in range(0, len(queries), batch_size):
             rs = responses[b:b + batch_size]
-            ids, attn, pos, P = data.collate_rollout(queries[b:b + batch_size], rs, pad_id, device)
+            ids, attn, pos, P = batches.collate_rollout(queries[b:b + batch_size], rs, pad_id, device)
             logits = logits_from(model, ids, attn, pos, P - 1)[:, :-1].float() / temperature
             lp = rlhf.logprobs_from_logits(logits, ids[:, P:]).cpu()
             out += [lp[i, :len(r)] for i, r in enumerate(rs)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from instructcli import data, rlhf
+from instructcli import batches, console, data, rlhf
 from instructcli.decode_cpu import decode_linears
 
 
@@ -24,7 +24,7 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
     And decoding costs less: the KV cache grows in place (_preallocate), and on CPU the linear layers take
     their decode form (decode_linears).
     """
-    batch = data.collate_prompts(prompt_ids, tok.pad_token_id)  # left-padded: each row's last token is last
+    batch = batches.collate_prompts(prompt_ids, tok.pad_token_id)  # left-padded: each row's last token is last
     attn = batch["attention_mask"].to(device)
     pos = (attn.cumsum(1) - 1).clamp(min=0)
     out = [[] for _ in range(len(prompt_ids) * n)]
@@ -146,3 +146,18 @@ def sample_batches(model, tok, queries: list[list[int]], n: int, temperature: fl
     for b in range(0, len(queries), batch_size):
         torch.manual_seed(seed + b)
         yield b, generate(model, tok, queries[b:b + batch_size], n, temperature, top_p, max_new_tokens, device)
+
+
+def answer_prompts(model, tok, prompts: data.Loaded, n: int, cfg, seed: int, device: str, label: str):
+    """Every prompt answered n times (the sampling flags of eval's or compare's `cfg`), with a progress bar;
+    returns (prompt ids, generate()'s output per prompt)."""
+    queries, cut = data.encode_prompts(tok, prompts, cfg.max_prompt_len)
+    if cut:
+        console.warn(f"{cut} prompts of {prompts.path} longer than --max-prompt-len kept their end")
+    outs = []
+    with console.Bar(len(queries), label) as bar:
+        for _, batch in sample_batches(model, tok, queries, n, cfg.temperature, cfg.top_p,
+                                    cfg.max_new_tokens, cfg.batch_size, seed, device):
+            outs += batch
+            bar.update(len(batch))
+    return queries, outs

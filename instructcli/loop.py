@@ -9,17 +9,28 @@ import threading
 
 import torch
 
-from instructcli import checkpoint, console, parallel
+from instructcli import checkpoint, console, parallel, rlhf
 from instructcli.console import warn
 from instructcli.errors import InstructError
 
 MAX_BAD_STEPS = 5  # non-finite steps in a row before a run gives up
 
 
+def schedule(t, optimizer, examples: int):
+    """A TrainConfig run over `examples` training items: (items per optimizer step over all processes, total
+    steps, the learning-rate scheduler: linear warmup, then t.schedule)."""
+    per_step = t.batch_size * t.grad_accum * parallel.world  # --batch-size is per process
+    total = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(examples / per_step)))
+    warmup = int(t.warmup * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: rlhf.lr_lambda(s, total, warmup, t.schedule))
+    return per_step, total, scheduler
+
+
 def start_or_resume(run: checkpoint.RunDir, model, optimizer, scheduler, params: list, resume: bool, seed: int,
-                    per_step: int, what: str = "examples") -> dict | None:
-    """With --resume, restore the newest checkpoint (None without one); then every process starts from the same
-    weights (and, fresh, its own random streams), and the run dir is created. Returns the checkpoint's state."""
+                    per_step: int, what: str = "examples") -> tuple[int, dict | None, console.Metrics]:
+    """With --resume, restore the newest checkpoint; then every process starts from the same weights (and,
+    fresh, its own random streams), and the run dir is created. Returns (the first step, the checkpoint's
+    state or None, the run's metrics.jsonl writer)."""
     state = None
     if resume and (state := run.load_checkpoint(model, optimizer, scheduler)):
         checkpoint.check_resume(state["extra"], per_step, what)
@@ -28,7 +39,7 @@ def start_or_resume(run: checkpoint.RunDir, model, optimizer, scheduler, params:
     if parallel.world > 1 and not state:  # own dropout masks and samples per process
         checkpoint.seed_everything(seed + parallel.rank)
     run.create()
-    return state
+    return (state["step"] if state else 0), state, console.Metrics(run.metrics_path)
 
 
 def optimizer_step(guard: "NonFiniteGuard", step: int, loss: float, grad_norm: float, optimizer,
@@ -142,8 +153,10 @@ class MicroBatches:
     gradients are dropped, the micro-batch is halved and the same step runs again (same examples, same
     loss weighting, so the same update); without it, a one-line error says what failed and what to try."""
 
-    def __init__(self, size: int, auto: bool, grad_accum: int = 1):
+    def __init__(self, size: int, auto: bool, grad_accum: int = 1, state: dict | None = None):
         self.size, self.auto, self.grad_accum, self.requested = size, auto, grad_accum, size
+        if state:  # a micro-batch halved before the checkpoint stays halved: the same run, resumed
+            self.size = state["extra"].get("micro_batch", size)
 
     def run(self, step: int, examples: list, fn, optimizer) -> list:
         """fn(chunk, weight) for each chunk, weight = its share of the step's examples; returns fn's results."""

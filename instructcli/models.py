@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from instructcli import console, files, parallel
+from instructcli import batches, console, files, parallel
 from instructcli.config import ModelConfig
 from instructcli.errors import InstructError
 from instructcli.forward import hidden_states, score_features
@@ -302,7 +302,7 @@ def reward_scores(model: RewardModel, tok, messages: list[dict], responses: list
     scores: list[float] = []
     with torch.no_grad():
         for b in range(0, len(enc), batch_size):
-            batch = data.collate_sequences(enc[b:b + batch_size], tok.pad_token_id)
+            batch = batches.collate_sequences(enc[b:b + batch_size], tok.pad_token_id)
             starts = torch.full((len(enc[b:b + batch_size]),), start, device=device)
             scores += model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device), starts).tolist()
     return scores

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from instructcli import checkpoint, console, data, forward, generate, judge, loop, models, parallel, rlhf, sources
+from instructcli import batches, checkpoint, console, data, forward, generate, judge, loop, models, parallel, rlhf, sources
 from instructcli.config import PPOConfig, to_dict
 from instructcli.models import POLICY, REWARD, VALUE
 
@@ -28,7 +28,7 @@ class Rollout(NamedTuple):
 
 
 def new_rollout(queries: list[list[int]], responses: list[list[int]], pad_id: int, device: str) -> Rollout:
-    ids, attn, _, start = data.collate_rollout(queries, responses, pad_id, device)
+    ids, attn, _, start = batches.collate_rollout(queries, responses, pad_id, device)
     return Rollout(queries, responses, ids[:, start:], attn[:, start:].float())
 
 
@@ -38,7 +38,7 @@ def response_logits(nets: models.PPOModels, ro: Rollout, rows: list[int], pad_id
     predict each response token of rollout rows `rows`. The rows are collated on their own, to their longest
     prompt and response, so no work goes to columns that are padding in all of them; the LM head never runs
     over the prompt."""
-    ids, attn, pos, start = data.collate_rollout([ro.queries[i] for i in rows], [ro.responses[i] for i in rows],
+    ids, attn, pos, start = batches.collate_rollout([ro.queries[i] for i in rows], [ro.responses[i] for i in rows],
                                                  pad_id, device)
     nets.use(POLICY)
     with nets.lm.disable_adapter() if reference else contextlib.nullcontext():
@@ -49,7 +49,7 @@ def response_logits(nets: models.PPOModels, ro: Rollout, rows: list[int], pad_id
 def response_values(nets: models.PPOModels, ro: Rollout, rows: list[int], pad_id: int, device: str) -> torch.Tensor:
     """The value of each state before a response token of rows `rows`: what the RM-shaped value head reads there
     (forward.score_features)."""
-    ids, attn, pos, start = data.collate_rollout([ro.queries[i] for i in rows], [ro.responses[i] for i in rows],
+    ids, attn, pos, start = batches.collate_rollout([ro.queries[i] for i in rows], [ro.responses[i] for i in rows],
                                                  pad_id, device)
     nets.use(VALUE)
     h = forward.hidden_states(nets.lm, ids, attn, pos, layers=nets.layers).float()
@@ -70,7 +70,7 @@ def over_rollout(ro: Rollout, chunk: int, f) -> list[torch.Tensor]:
     rows of similar length (little padding, bounded memory); returned as (B, R) tensors in rollout order, 0
     past each response."""
     outs = None
-    for rows in data.length_chunks([len(q) + len(r) for q, r in zip(ro.queries, ro.responses)], chunk):
+    for rows in batches.length_chunks([len(q) + len(r) for q, r in zip(ro.queries, ro.responses)], chunk):
         ys = f(rows)
         outs = outs or [torch.zeros(ro.tokens.shape, device=ro.tokens.device) for _ in ys]
         for out, y in zip(outs, ys):
@@ -86,8 +86,8 @@ def rm_scores(nets: models.PPOModels, ro: Rollout, pad_id: int, chunk: int) -> t
     seqs = [q + r for q, r in zip(ro.queries, ro.responses)]
     scores = torch.zeros(len(seqs), device=device)
     nets.use(REWARD)
-    for rows in data.length_chunks([len(x) for x in seqs], chunk):
-        batch = data.collate_sequences([seqs[i] for i in rows], pad_id)
+    for rows in batches.length_chunks([len(x) for x in seqs], chunk):
+        batch = batches.collate_sequences([seqs[i] for i in rows], pad_id)
         starts = torch.tensor([len(ro.queries[i]) for i in rows], device=device)
         scores[rows] = nets.reward.score(batch["input_ids"].to(device), batch["attention_mask"].to(device), starts)
     return scores
@@ -133,12 +133,10 @@ def train(cfg: PPOConfig) -> Path:
                 f"ptx {cfg.ptx_coef if ptx else 0}; old log-probs "
                 f"{'from the sampling loop' if rollout_logprobs else 'recomputed'}")
     rollout_size = cfg.rollout_batch_size  # per process; each process rolls out its own prompts
-    state = loop.start_or_resume(run, nets, optimizer, scheduler, params, cfg.resume, cfg.seed,
+    start, state, metrics = loop.start_or_resume(run, nets, optimizer, scheduler, params, cfg.resume, cfg.seed,
                                  rollout_size * parallel.world, "rollouts")
-    start = state["step"] if state else 0
     if state:
         kl_ctl.value = state["extra"]["kl_coef"]
-    metrics = console.Metrics(run.metrics_path)
     order = checkpoint.EpochOrder(len(queries), cfg.seed)
     guard = loop.NonFiniteGuard(f"last good checkpoint in {run.ckpt_root}")
 
@@ -214,7 +212,7 @@ def train(cfg: PPOConfig) -> Path:
                     ptx_loss = torch.zeros((), device=device)
                     if ptx_set:  # the pretraining term: KL from the SFT model's predictions of the text
                         pick = torch.randint(len(ptx_set), (cfg.ptx_batch_size,)).tolist()
-                        pb = data.collate([ptx_set[i] for i in pick], pad_id)
+                        pb = batches.collate([ptx_set[i] for i in pick], pad_id)
                         pb = [pb[k].to(device) for k in ("input_ids", "attention_mask", "labels")]
                         ptx_logits, _ = forward.labelled_logits(nets.lm, *pb)
                         with torch.no_grad(), nets.lm.disable_adapter():

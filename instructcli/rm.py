@@ -3,13 +3,12 @@ paper's loss over all C(K,2) pairs; then a bias so reference demonstrations scor
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import torch
 
-from instructcli import checkpoint, console, data, files, loop, models, parallel, rlhf, sources
+from instructcli import batches, checkpoint, console, data, files, loop, models, parallel, rlhf, sources
 from instructcli.config import ModelConfig, RMConfig, to_dict
 from instructcli.errors import InstructError
 
@@ -19,7 +18,7 @@ def forward_groups(model, groups: list[list[list[int]]], starts: list[int], pad_
     """Score every response of every group (its responses begin at starts[g]) in one right-padded forward;
     returns one (K,) tensor per group."""
     flat = [ids for g in groups for ids in g]
-    batch = data.collate_sequences(flat, pad_id)
+    batch = batches.collate_sequences(flat, pad_id)
     first = torch.tensor([s for g, s in zip(groups, starts) for _ in g], device=device)
     scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), first)
     return list(scores.split([len(g) for g in groups]))
@@ -73,16 +72,11 @@ def train(cfg: RMConfig) -> Path:
     optimizer = torch.optim.AdamW([{"params": [p for p in params if all(p is not q for q in head)]},
                                    {"params": head, "lr": cfg.head_lr or t.lr}], lr=t.lr,
                                   weight_decay=t.weight_decay)
-    per_step = t.batch_size * t.grad_accum * parallel.world  # --batch-size is per process
-    total = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(len(train_set) / per_step)))
-    warmup = int(t.warmup * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: rlhf.lr_lambda(s, total, warmup, t.schedule))
+    per_step, total, scheduler = loop.schedule(t, optimizer, len(train_set))
     console.log(f"rm: {len(train_set)} train / {len(eval_set)} eval prompts, {total} steps of "
                 f"{t.batch_size}x{t.grad_accum}{parallel.times()} prompts, {sum(p.numel() for p in params):,} "
                 f"trainable parameters, {mc.quant} base on {device}")
-    state = loop.start_or_resume(run, model, optimizer, scheduler, params, cfg.resume, t.seed, per_step)
-    start = state["step"] if state else 0
-    metrics = console.Metrics(run.metrics_path)
+    start, state, metrics = loop.start_or_resume(run, model, optimizer, scheduler, params, cfg.resume, t.seed, per_step)
     order = checkpoint.EpochOrder(len(train_set), t.seed)
 
     def evaluate() -> dict:
@@ -104,9 +98,7 @@ def train(cfg: RMConfig) -> Path:
     # 3. the loop
     model.train()
     guard, last = loop.NonFiniteGuard(f"last good checkpoint in {run.ckpt_root}"), {}
-    micro = loop.MicroBatches(t.batch_size, t.auto_batch_size, t.grad_accum)
-    if state:  # a micro-batch halved before the checkpoint stays halved: the same run, resumed
-        micro.size = state["extra"].get("micro_batch", micro.size)
+    micro = loop.MicroBatches(t.batch_size, t.auto_batch_size, t.grad_accum, state)
     t0 = time.time()
     with loop.Interrupt() as interrupt, console.Bar(total, "rm", completed=start) as bar:
         for step in range(start, total):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import torch
 
-from instructcli import checkpoint, console, data, forward, loop, models, parallel, rlhf, sources
+from instructcli import batches, checkpoint, console, data, forward, loop, models, parallel, sources
 from instructcli.config import SFTConfig, to_dict
 from instructcli.errors import InstructError
 
@@ -45,19 +44,12 @@ def train(cfg: SFTConfig) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    per_step = t.batch_size * t.grad_accum * parallel.world  # --batch-size is per process
-    steps_per_epoch = math.ceil(len(train_set) / per_step)
-    total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    warmup = int(t.warmup * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: rlhf.lr_lambda(s, total, warmup, t.schedule))
+    per_step, total, scheduler = loop.schedule(t, optimizer, len(train_set))
     console.log(f"sft: {len(train_set)} train / {len(eval_set)} eval examples, {total} steps of "
                 f"{t.batch_size}x{t.grad_accum}{parallel.times()}, {n_trainable:,} trainable parameters, {mc.quant} "
                 f"base on {device}")
 
-    state = loop.start_or_resume(run, model, optimizer, scheduler, params, cfg.resume, t.seed, per_step)
-    start = state["step"] if state else 0
-    metrics = console.Metrics(run.metrics_path)
+    start, state, metrics = loop.start_or_resume(run, model, optimizer, scheduler, params, cfg.resume, t.seed, per_step)
 
     order = checkpoint.EpochOrder(len(train_set), t.seed)  # the data position is a function of the step: resumable
 
@@ -67,7 +59,7 @@ def train(cfg: SFTConfig) -> Path:
         with torch.no_grad():
             mine = parallel.strided(eval_set)
             for b in range(0, len(mine), t.batch_size):
-                batch = {k: v.to(device) for k, v in data.collate(mine[b:b + t.batch_size],
+                batch = {k: v.to(device) for k, v in batches.collate(mine[b:b + t.batch_size],
                                                                   tok.pad_token_id).items()}
                 s, c = forward.lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
                 loss_sum, n = loss_sum + s.item(), n + c
@@ -78,9 +70,7 @@ def train(cfg: SFTConfig) -> Path:
     # 3. the loop
     model.train()
     guard, last = loop.NonFiniteGuard(f"last good checkpoint in {run.ckpt_root}"), {}
-    micro = loop.MicroBatches(t.batch_size, t.auto_batch_size, t.grad_accum)
-    if state:  # a micro-batch halved before the checkpoint stays halved: the same run, resumed
-        micro.size = state["extra"].get("micro_batch", micro.size)
+    micro = loop.MicroBatches(t.batch_size, t.auto_batch_size, t.grad_accum, state)
     t0 = time.time()
     with loop.Interrupt() as interrupt, console.Bar(total, "sft", completed=start) as bar:
         for step in range(start, total):
@@ -88,7 +78,7 @@ def train(cfg: SFTConfig) -> Path:
             n_tokens = sum(sum(x != data.IGNORE_INDEX for x in ex[1][1:]) for ex in examples)
 
             def micro_step(mb, _share):  # the loss is per token of the whole step, however it is split
-                batch = {k: v.to(device) for k, v in data.collate(mb, tok.pad_token_id).items()}
+                batch = {k: v.to(device) for k, v in batches.collate(mb, tok.pad_token_id).items()}
                 loss = forward.lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0] \
                     / max(n_tokens, 1)
                 loss.backward()

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import SAMPLES, write_jsonl
-from instructcli import data, files
+from instructcli import batches, data, files
 from instructcli.errors import DataError, InstructError
 
 U = {"role": "user", "content": "hi"}
@@ -182,11 +182,11 @@ def test_overflow_truncate_drop_error():
 
 
 def test_collate_pads_right_for_training_and_left_for_prompts():
-    b = data.collate([([1, 2, 3], [-100, 2, 3]), ([4], [4])], pad_id=0)
+    b = batches.collate([([1, 2, 3], [-100, 2, 3]), ([4], [4])], pad_id=0)
     assert b["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
-    p = data.collate_prompts([[1, 2, 3], [4]], pad_id=0)
+    p = batches.collate_prompts([[1, 2, 3], [4]], pad_id=0)
     assert p["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
     assert p["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
 

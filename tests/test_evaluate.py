@@ -1,4 +1,4 @@
-"""eval and compare: statistics on literal values, measurements against direct computations, the commands' files."""
+"""eval and compare: measurements against direct computations, the commands' files."""
 
 import io
 import json
@@ -11,42 +11,6 @@ import torch
 from conftest import write_jsonl
 from instructcli import data, evaluate, models, sources
 from instructcli.config import ModelConfig
-
-
-# ----------------------------------------------------------------------------------------- statistics
-def test_bootstrap_all_wins_and_all_ties_have_no_spread():
-    assert evaluate.bootstrap_ci([1.0] * 40) == (1.0, 1.0)
-    assert evaluate.bootstrap_ci([0.5] * 40) == (0.5, 0.5)
-    assert evaluate.bootstrap_ci([0.0] * 3) == (0.0, 0.0)
-
-
-def test_bootstrap_two_values_by_hand():
-    # resampled means of [1, 0] are 0, 0.5, 1 with probability 1/4, 1/2, 1/4: the 2.5 % and 97.5 % points are 0 and 1
-    assert evaluate.bootstrap_ci([1.0, 0.0], n_boot=4000) == (0.0, 1.0)
-
-
-def test_bootstrap_known_mixture_matches_the_normal_interval():
-    values = [1.0] * 60 + [0.0] * 40  # mean 0.6; normal 95 % half-width 1.96 * sqrt(0.6 * 0.4 / 100) = 0.096
-    lo, hi = evaluate.bootstrap_ci(values, n_boot=20000, seed=1)
-    assert lo == pytest.approx(0.6 - 0.096, abs=0.015) and hi == pytest.approx(0.6 + 0.096, abs=0.015)
-    assert lo < 0.6 < hi
-
-
-def test_bootstrap_is_stable_for_a_seed():
-    values = [(i * 0.37) % 1 for i in range(30)]  # continuous: another seed lands elsewhere
-    assert evaluate.bootstrap_ci(values, seed=3) == evaluate.bootstrap_ci(values, seed=3)
-    a, b = evaluate.bootstrap_ci(values, seed=3), evaluate.bootstrap_ci(values, seed=4)
-    assert a != b and abs(a[0] - b[0]) < 0.02 and abs(a[1] - b[1]) < 0.02
-
-
-def test_summarize_outcome_distinct_and_quantiles():
-    s = evaluate.summarize([1.0, 2.0, 3.0, 4.0], 1000, 0)
-    assert s["mean"] == 2.5 and s["std"] == pytest.approx(math.sqrt(5 / 3)) and s["n"] == 4
-    assert [evaluate.outcome(1, 2), evaluate.outcome(2, 2), evaluate.outcome(3, 2)] == [1.0, 0.5, 0.0]
-    assert evaluate.distinct_n(["a b a b"], 1) == 0.5
-    assert evaluate.distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)  # (a b) (b a) (a b)
-    assert evaluate.distinct_n(["A b", "c"], 2) == 1.0 and evaluate.distinct_n(["x"], 2) == 0.0
-    assert evaluate.quantiles(list(range(10))) == {"p10": 1, "p50": 5, "p90": 9}
 
 
 # --------------------------------------------------------------------------------------- measurements

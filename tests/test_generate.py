@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from instructcli import data, decode_cpu, forward, generate, models, rlhf, sources
+from instructcli import batches, data, decode_cpu, forward, generate, models, rlhf, sources
 from instructcli.config import ModelConfig
 
 
@@ -27,7 +27,7 @@ def lm(tiny_dir):
 
 def reference(m, tok, prompts, eos, max_new):
     """transformers' greedy generate, cut after the first EOS as instruct does."""
-    b = data.collate_prompts(prompts, tok.pad_token_id)
+    b = batches.collate_prompts(prompts, tok.pad_token_id)
     out = m.generate(**b, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id,
                      eos_token_id=eos)
     cut = []
@@ -136,7 +136,7 @@ def test_sampling_logprobs_equal_a_full_forward(lm, n):
     lens = [len(a) for a in answers]
     assert len(set(lens)) > 1 and lp.shape == ent.shape == (len(answers), max(lens))
     want = forward.response_logprobs(m, queries, answers, tok.pad_token_id, "cpu", temperature=0.8)
-    ids, attn, pos, P = data.collate_rollout(queries, answers, tok.pad_token_id, "cpu")
+    ids, attn, pos, P = batches.collate_rollout(queries, answers, tok.pad_token_id, "cpu")
     with torch.no_grad():
         logits = m(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1] / 0.8
     want_ent = rlhf.entropy_from_logits(logits)
@@ -183,7 +183,7 @@ def test_preallocated_cache_appends_like_concatenation(lm):
     """The in-place KV append gives the same keys, values and logits as transformers' concatenation, across a
     buffer that runs out of room and rows leaving the batch."""
     m, tok, prompts = lm
-    b = data.collate_prompts(prompts, tok.pad_token_id)
+    b = batches.collate_prompts(prompts, tok.pad_token_id)
     kv = generate._cache_name(m)
     runs = []
     for prealloc in (False, True):

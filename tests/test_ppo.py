@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import SAMPLES, write_jsonl
-from instructcli import checkpoint, config as C, data, forward, models, ppo, rlhf, sft, sources
+from instructcli import batches, checkpoint, config as C, data, forward, models, ppo, rlhf, sft, sources
 
 LORA = "q_proj,v_proj,lm_head"  # the tiny random model needs its output layer adapted to move quickly
 
@@ -170,8 +170,8 @@ def test_old_logprobs_from_the_sampling_loop_match_a_recompute(setup, tmp_path):
 
 
 def test_length_chunks():
-    assert data.length_chunks([5, 1, 4, 1, 9], 2) == [[1, 3], [2, 0], [4]]
-    assert data.length_chunks([], 3) == []
+    assert batches.length_chunks([5, 1, 4, 1, 9], 2) == [[1, 3], [2, 0], [4]]
+    assert batches.length_chunks([], 3) == []
 
 
 def test_top_p_zero_and_temperature_zero_are_refused(setup, tmp_path, cli):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from instructcli import data, models, rm
+from instructcli import batches, data, models, rm
 from instructcli.config import ModelConfig
 
 WORDS = ["sun", "tree", "river", "stone", "cloud", "bird", "road", "lamp"]
@@ -70,7 +70,7 @@ def test_head_reads_the_last_real_token_under_left_and_right_padding(rm_dir):
         alone = [model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long), torch.tensor([1])).item()
                  for s in (a, b)]
         for side, starts in (("right", [1, 1]), ("left", [1, 5])):  # left padding moves b's start by 4
-            batch = data.collate_sequences([a, b], tok.pad_token_id, side)
+            batch = batches.collate_sequences([a, b], tok.pad_token_id, side)
             got = model(batch["input_ids"], batch["attention_mask"], torch.tensor(starts)).tolist()
             assert got == pytest.approx(alone, abs=1e-5), side
 

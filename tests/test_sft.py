@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from instructcli import checkpoint, forward, models, sources
+from instructcli import batches, checkpoint, forward, models, sources
 
 ROWS = [
     {"prompt": "What colour is the sky?", "response": "Blue."},
@@ -134,7 +134,7 @@ def test_quantized_lora_training_steps_on_cpu(wide_dir, quant):
     dtypes = {p.dtype for p in quantized.values()}
     assert dtypes == ({torch.int8} if quant == "8bit" else {torch.uint8})  # every base layer really quantized
     tok = AutoTokenizer.from_pretrained(wide_dir)
-    batch = data.collate([data.encode_demonstration(tok, [{"role": "user", "content": "hi"},
+    batch = batches.collate([data.encode_demonstration(tok, [{"role": "user", "content": "hi"},
                                                           {"role": "assistant", "content": "hello there"}])], 0)
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all(p.dtype == torch.float32 and "lora_" in n for n, p in model.named_parameters()
@@ -173,7 +173,7 @@ def test_loss_at_labelled_positions_only_equals_the_full_logits_loss(tiny_dir, t
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    batch = data.collate([data.encode_demonstration(tok, [{"role": "user", "content": q},
+    batch = batches.collate([data.encode_demonstration(tok, [{"role": "user", "content": q},
                                                           {"role": "assistant", "content": a}])
                           for q, a in [("hi", "hello there"), ("a longer question here", "ok")]], 0)
     params = [p for p in model.parameters() if p.requires_grad]
