@@ -16,7 +16,7 @@ from typing import Annotated, Optional, get_type_hints
 import click
 import typer
 
-from instructcli import __version__, config as C
+from instructcli import __version__, config as configs
 from instructcli.errors import InstructError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -78,7 +78,7 @@ def _options(cls, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
 def _option(cls, f, owner, default) -> inspect.Parameter:
     kind = get_type_hints(owner)[f.name]
     flags = f.metadata.get("flags") or ((f"--{f.name.replace('_', '-')}",) if kind is bool and not default else ())
-    info = typer.Option(*flags, help=C.field_help(cls, f.name, f))
+    info = typer.Option(*flags, help=configs.field_help(cls, f.name, f))
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info])
 
 
@@ -136,26 +136,26 @@ def _print_config(ctx: click.Context, params: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------- stages
-@command(C.SFTConfig, "Supervised fine-tuning on demonstrations (loss on response tokens only).")
+@command(configs.SFTConfig, "Supervised fine-tuning on demonstrations (loss on response tokens only).")
 def sft(data: Annotated[str, typer.Argument(help="Demonstrations JSONL ({prompt, response} or {messages}); "
-                                            "- = stdin.")], cfg: C.SFTConfig):
+                                            "- = stdin.")], cfg: configs.SFTConfig):
     from instructcli import sft as stage
 
     _result(stage.train(cfg))
 
 
-@command(C.RMConfig, "Train a reward model on rankings (K-way or pairwise), normalised so references score 0.")
+@command(configs.RMConfig, "Train a reward model on rankings (K-way or pairwise), normalised so references score 0.")
 def rm(data: Annotated[str, typer.Argument(help="Comparisons JSONL (K-way responses+ranks, or chosen/rejected).")],
-       cfg: C.RMConfig):
+       cfg: configs.RMConfig):
     from instructcli import rm as stage
 
     _result(stage.train(cfg))
 
 
-@command(C.ScoreConfig, "Add normalised reward-model scores to samples rows (one per response).", toml=False)
+@command(configs.ScoreConfig, "Add normalised reward-model scores to samples rows (one per response).", toml=False)
 def score(reward: Annotated[str, typer.Argument(help="An rm run dir.")],
           samples: Annotated[str, typer.Argument(help="Samples JSONL (output of sample); - = stdin.")] = "-",
-          cfg: C.ScoreConfig = None):
+          cfg: configs.ScoreConfig = None):
     from instructcli import console, rm as stage
 
     n = stage.score(cfg)
@@ -164,25 +164,25 @@ def score(reward: Annotated[str, typer.Argument(help="An rm run dir.")],
     console.log(f"score: scored {n} rows")
 
 
-@command(C.LabelConfig, "Rank each prompt's K responses in the terminal (or by --judge), writing comparisons for "
+@command(configs.LabelConfig, "Rank each prompt's K responses in the terminal (or by --judge), writing comparisons for "
          "rm.", toml=False)
-def label(samples: Annotated[str, typer.Argument(help="Samples JSONL (output of sample).")], cfg: C.LabelConfig):
+def label(samples: Annotated[str, typer.Argument(help="Samples JSONL (output of sample).")], cfg: configs.LabelConfig):
     from instructcli import console, judge as judges, label as stage
 
     fn = judges.make_judge(cfg.judge, cfg.quant, console.log) if cfg.judge else None
     print(json.dumps(stage.run(cfg.samples, cfg.out, judge=fn, noise=cfg.noise, seed=cfg.seed)))
 
 
-@command(C.PPOConfig, "PPO against a reward model with a per-token KL penalty to the SFT policy, plus PPO-ptx.")
-def ppo(cfg: C.PPOConfig):
+@command(configs.PPOConfig, "PPO against a reward model with a per-token KL penalty to the SFT policy, plus PPO-ptx.")
+def ppo(cfg: configs.PPOConfig):
     from instructcli import ppo as stage
 
     _result(stage.train(cfg))
 
 
-@command(C.SampleConfig, "Generate K responses per prompt (batched) as samples JSONL.")
+@command(configs.SampleConfig, "Generate K responses per prompt (batched) as samples JSONL.")
 def sample(model: Annotated[str, typer.Argument(help="Run dir, model dir, hub id, .gguf, or default.")] = "default",
-           cfg: C.SampleConfig = None):
+           cfg: configs.SampleConfig = None):
     from instructcli import console, sample as stage
 
     count = stage.run(cfg)
@@ -193,10 +193,10 @@ def sample(model: Annotated[str, typer.Argument(help="Run dir, model dir, hub id
     console.log(f"sample: wrote {count} rows to {'stdout' if cfg.out == '-' else cfg.out}")
 
 
-@command(C.EvalConfig, "Reward, KL, alignment tax, toxicity and truthfulness of one model; JSON summary on stdout, "
+@command(configs.EvalConfig, "Reward, KL, alignment tax, toxicity and truthfulness of one model; JSON summary on stdout, "
          "per-row JSONL in --out, plots with --report.", name="eval")
 def eval_(model: Annotated[str, typer.Argument(help="Run dir (sft, ppo), model dir, hub id, .gguf, or default.")],
-          cfg: C.EvalConfig):
+          cfg: configs.EvalConfig):
     from instructcli import evaluate as stage, loop
 
     out = cfg.out or str(Path("evals") / (Path(model.rstrip("/")).name.removesuffix(".gguf") or "default"))
@@ -206,10 +206,10 @@ def eval_(model: Annotated[str, typer.Argument(help="Run dir (sft, ppo), model d
         print(json.dumps(stage.run(replace(cfg, out=out)), indent=2))
 
 
-@command(C.CompareConfig, "Win rate of each model against the first (ties half) with a bootstrap 95 % CI; a table "
+@command(configs.CompareConfig, "Win rate of each model against the first (ties half) with a bootstrap 95 % CI; a table "
          "on stderr, JSON on stdout, per-prompt rows in --out.")
 def compare(items: Annotated[list[str], typer.Argument(help="Two or more model/run dirs or samples files; the "
-                                                       "first is the baseline.")], cfg: C.CompareConfig):
+                                                       "first is the baseline.")], cfg: configs.CompareConfig):
     from instructcli import compare as stage, loop
 
     with loop.OutOfMemory(lambda: f"with --batch-size {cfg.batch_size}, --max-new-tokens {cfg.max_new_tokens}: "
@@ -217,10 +217,10 @@ def compare(items: Annotated[list[str], typer.Argument(help="Two or more model/r
         print(json.dumps(stage.compare(cfg), indent=2))
 
 
-@command(C.ExportConfig, "Merge a run dir's adapter into its base: a plain transformers model dir (no peft "
+@command(configs.ExportConfig, "Merge a run dir's adapter into its base: a plain transformers model dir (no peft "
          "needed).", toml=False)
 def export(run_dir: Annotated[str, typer.Argument(help="A run dir (sft, ppo).")],
-           out: Annotated[str, typer.Argument(help="New model dir to write.")], cfg: C.ExportConfig):
+           out: Annotated[str, typer.Argument(help="New model dir to write.")], cfg: configs.ExportConfig):
     from instructcli import console, models
 
     print(models.export_merged(cfg.run_dir, cfg.out, cfg.dtype, console.log))

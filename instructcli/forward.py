@@ -81,9 +81,9 @@ def response_logprobs(model, queries: list[list[int]], responses: list[list[int]
     with torch.no_grad():
         for b in range(0, len(queries), batch_size):
             rs = responses[b:b + batch_size]
-            ids, attn, pos, P = batches.collate_rollout(queries[b:b + batch_size], rs, pad_id, device)
-            logits = logits_from(model, ids, attn, pos, P - 1)[:, :-1].float() / temperature
-            lp = rlhf.logprobs_from_logits(logits, ids[:, P:]).cpu()
+            ids, attn, pos, start = batches.collate_rollout(queries[b:b + batch_size], rs, pad_id, device)
+            logits = logits_from(model, ids, attn, pos, start - 1)[:, :-1].float() / temperature
+            lp = rlhf.logprobs_from_logits(logits, ids[:, start:]).cpu()
             out += [lp[i, :len(r)] for i, r in enumerate(rs)]
     return out
 

@@ -37,7 +37,7 @@ import re
 import sys
 from typing import Callable, Sequence
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.panel import Panel
 from rich.text import Text
 

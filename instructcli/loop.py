@@ -59,7 +59,7 @@ def checkpoint_or_stop(run: checkpoint.RunDir, done: int, total: int, interrupt:
                        keep: int, model, optimizer, scheduler, extra: dict, metrics: console.Metrics) -> None:
     """After step `done` of `total`: a checkpoint every `save_every` steps, and one when Ctrl-C asked to stop
     (every process stops at the same step), which then ends the run with the resume hint."""
-    stop = parallel.any_(interrupt.requested)
+    stop = parallel.any_process(interrupt.requested)
     if done >= total:
         return
     if (save_every and done % save_every == 0) or stop:

@@ -77,7 +77,7 @@ def _dist():
     return dist
 
 
-def sum_(*values: float) -> list[float]:
+def sum_all(*values: float) -> list[float]:
     """Sum each float over all processes (one all-reduce)."""
     if world == 1:
         return list(values)
@@ -89,12 +89,12 @@ def sum_(*values: float) -> list[float]:
 
 
 def mean(*values: float) -> list[float]:
-    return [v / world for v in sum_(*values)]
+    return [v / world for v in sum_all(*values)]
 
 
-def any_(flag: bool) -> bool:
+def any_process(flag: bool) -> bool:
     """True on every process if it is true on any (an interrupt, a non-finite batch): all take the same path."""
-    return sum_(float(flag))[0] > 0
+    return sum_all(float(flag))[0] > 0
 
 
 def sum_tensor(t):

@@ -191,7 +191,7 @@ def train(cfg: PPOConfig) -> Path:
                 advantages, returns = rlhf.gae(values, rewards, mask, cfg.gamma, cfg.lam)
                 if cfg.whiten:  # over the global batch
                     advantages = rlhf.whiten(advantages, mask, reduce=parallel.sum_tensor)
-            if parallel.any_(not torch.isfinite(scores).all() or not torch.isfinite(advantages).all()):
+            if parallel.any_process(not torch.isfinite(scores).all() or not torch.isfinite(advantages).all()):
                 guard.ok(step + 1, float("nan"), 0.0, optimizer)  # warns; aborts after repeated failures
                 continue
 

@@ -92,7 +92,7 @@ def train(cfg: RMConfig) -> Path:
                 losses.append(loss.item() * len(chunk))
                 correct, pairs = correct + acc.item() * n.item(), pairs + n.item()
         model.train()
-        loss_sum, correct, pairs = parallel.sum_(sum(losses), correct, pairs)
+        loss_sum, correct, pairs = parallel.sum_all(sum(losses), correct, pairs)
         return {"eval_loss": loss_sum / len(eval_set), "eval_accuracy": correct / max(pairs, 1)}
 
     # 3. the loop
@@ -114,7 +114,7 @@ def train(cfg: RMConfig) -> Path:
             examples = [train_set[order[step * per_step + i]] for i in range(per_step)]
             parts = micro.run(step + 1, parallel.shard(examples), micro_step, optimizer)
             # accuracy over the step's pairs, whichever process or micro-batch they fell in
-            step_loss, correct, pairs = parallel.sum_(*(sum(p[i] for p in parts) for i in range(3)))
+            step_loss, correct, pairs = parallel.sum_all(*(sum(p[i] for p in parts) for i in range(3)))
             step_acc = correct / max(pairs, 1)
             parallel.sync_grads(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()

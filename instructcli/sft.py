@@ -64,7 +64,7 @@ def train(cfg: SFTConfig) -> Path:
                 s, c = forward.lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
                 loss_sum, n = loss_sum + s.item(), n + c
         model.train()
-        loss_sum, n = parallel.sum_(loss_sum, n)
+        loss_sum, n = parallel.sum_all(loss_sum, n)
         return loss_sum / max(n, 1)
 
     # 3. the loop
@@ -85,7 +85,7 @@ def train(cfg: SFTConfig) -> Path:
                 return loss.item()
 
             # this process's share of the step; gradients and loss are then summed over processes
-            step_loss = parallel.sum_(sum(micro.run(step + 1, parallel.shard(examples), micro_step, optimizer)))[0]
+            step_loss = parallel.sum_all(sum(micro.run(step + 1, parallel.shard(examples), micro_step, optimizer)))[0]
             parallel.sync_grads(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
             if (lr := loop.optimizer_step(guard, step + 1, step_loss, grad_norm, optimizer, scheduler)) is None:

@@ -198,7 +198,7 @@ def _collectives(rank: int, port: int, results) -> None:
     q.grad = torch.tensor([5.0]) if rank == 0 else None
     parallel.sync_grads([p, q])
     results[rank] = {"whiten": w.tolist(), "p": p.grad.tolist(), "q": q.grad.tolist(),
-                     "sum": parallel.sum_(rank + 1.0, 10.0), "any": parallel.any_(rank == 1),
+                     "sum": parallel.sum_all(rank + 1.0, 10.0), "any": parallel.any_process(rank == 1),
                      "gather": parallel.gather([rank] * (rank + 1)), "shard": parallel.shard(list(range(6))),
                      "strided": parallel.strided(list(range(5)))}
     torch.distributed.destroy_process_group()
