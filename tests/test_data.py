@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import SAMPLES, write_jsonl
-from instructcli import batches, data, files
+from instructcli import data
 from instructcli.errors import DataError, InstructError
 
 U = {"role": "user", "content": "hi"}
@@ -181,23 +181,4 @@ def test_overflow_truncate_drop_error():
         data.fit_length(ids, labels, 6, "error", st, "f.jsonl: row 3")
 
 
-def test_collate_pads_right_for_training_and_left_for_prompts():
-    b = batches.collate([([1, 2, 3], [-100, 2, 3]), ([4], [4])], pad_id=0)
-    assert b["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert b["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
-    p = batches.collate_prompts([[1, 2, 3], [4]], pad_id=0)
-    assert p["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
-    assert p["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
 
-
-def test_jsonl_writer_is_atomic(tmp_path):
-    out = tmp_path / "o.jsonl"
-    with pytest.raises(RuntimeError):
-        with files.JsonlWriter(str(out)) as w:
-            w.write({"a": 1})
-            raise RuntimeError("boom")
-    assert not out.exists() and not list(tmp_path.iterdir())
-    with files.JsonlWriter(str(out)) as w:
-        w.write({"a": 1})
-    assert out.read_text() == '{"a": 1}\n'

@@ -75,21 +75,6 @@ def test_last_token_index_left_and_right_padding():
     assert rlhf.last_token_index(mask).tolist() == [2, 4, 4, 0]
 
 
-def test_non_finite_guard_skips_and_aborts():
-    from instructcli.loop import NonFiniteGuard
-    from instructcli.errors import InstructError
-
-    p = torch.nn.Parameter(torch.ones(2))
-    opt = torch.optim.SGD([p], lr=1.0)
-    guard = NonFiniteGuard(limit=2)
-    assert guard.ok(1, 0.5, 1.0, opt)
-    p.grad = torch.ones(2)
-    assert not guard.ok(2, float("nan"), 1.0, opt) and p.grad is None  # the bad step's gradient is dropped
-    assert guard.ok(3, 0.4, 2.0, opt) and guard.in_a_row == 0
-    assert not guard.ok(4, 0.4, float("inf"), opt)
-    with pytest.raises(InstructError, match="2 non-finite steps in a row") as e:
-        guard.ok(5, float("-inf"), 1.0, opt)
-    assert e.value.exit_code == 1
 
 
 # ----------------------------------------------------------------------------------------------- PPO
