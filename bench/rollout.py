@@ -18,13 +18,13 @@ import time
 
 import torch
 
-from instructcli import data, decode_cpu, generate, models, sources
+from instructcli import batches, data, decode_cpu, generate, models, sources
 from instructcli.config import ModelConfig
 
 
 def plain_generate(model, tok, prompts, n, temperature, top_p, max_new, device):
     """What a trainer does without our loop: one `generate` call, answers cut after EOS."""
-    b = {k: v.to(device) for k, v in data.collate_prompts(prompts, tok.pad_token_id).items()}
+    b = {k: v.to(device) for k, v in batches.collate_prompts(prompts, tok.pad_token_id).items()}
     with torch.no_grad():
         out = model.generate(**b, do_sample=True, temperature=temperature, top_p=top_p, top_k=None,
                              max_new_tokens=max_new, num_return_sequences=n, pad_token_id=tok.pad_token_id,
