@@ -42,6 +42,13 @@ def start_or_resume(run: checkpoint.RunDir, model, optimizer, scheduler, params:
     return (state["step"] if state else 0), state, console.Metrics(run.metrics_path)
 
 
+def step_controls(run: checkpoint.RunDir, t, state: dict | None) -> tuple["NonFiniteGuard", "MicroBatches"]:
+    """A TrainConfig loop's guard against non-finite steps (pointing at the run's checkpoints) and its
+    micro-batches (at the size a resumed run had reached)."""
+    return (NonFiniteGuard(f"last good checkpoint in {run.ckpt_root}"),
+            MicroBatches(t.batch_size, t.auto_batch_size, t.grad_accum, state))
+
+
 def optimizer_step(guard: "NonFiniteGuard", step: int, loss: float, grad_norm: float, optimizer,
                    scheduler) -> float | None:
     """Apply the step's (clipped) gradients, unless its loss or gradient norm is not finite: then they are

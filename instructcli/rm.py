@@ -97,8 +97,7 @@ def train(cfg: RMConfig) -> Path:
 
     # 3. the loop
     model.train()
-    guard, last = loop.NonFiniteGuard(f"last good checkpoint in {run.ckpt_root}"), {}
-    micro = loop.MicroBatches(t.batch_size, t.auto_batch_size, t.grad_accum, state)
+    guard, micro, last = *loop.step_controls(run, t, state), {}
     t0 = time.time()
     with loop.Interrupt() as interrupt, console.Bar(total, "rm", completed=start) as bar:
         for step in range(start, total):

@@ -69,8 +69,7 @@ def train(cfg: SFTConfig) -> Path:
 
     # 3. the loop
     model.train()
-    guard, last = loop.NonFiniteGuard(f"last good checkpoint in {run.ckpt_root}"), {}
-    micro = loop.MicroBatches(t.batch_size, t.auto_batch_size, t.grad_accum, state)
+    guard, micro, last = *loop.step_controls(run, t, state), {}
     t0 = time.time()
     with loop.Interrupt() as interrupt, console.Bar(total, "sft", completed=start) as bar:
         for step in range(start, total):
