@@ -4,6 +4,7 @@ state and seeding, the data order, and what a resumed run must keep equal."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from instructcli import __version__, files, parallel
+from instructcli import __version__, console, files, parallel
 from instructcli.errors import InstructError
 from instructcli.sources import FORMAT_VERSION, MANIFEST
 
@@ -29,6 +30,83 @@ def load_trainable_state(model, state: dict) -> None:
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)
+
+
+SUMS = "files.json"  # a checkpoint's {file: [size, sha256]}, written last
+CHECKPOINT_FILES = ("trainable.safetensors", "state.pt")
+
+
+def file_sum(path: Path) -> list:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return [path.stat().st_size, h.hexdigest()]
+
+
+def damage(ckpt: Path) -> str | None:
+    """What is wrong with a checkpoint dir, or None when its files have the sizes and checksums recorded at
+    save (checkpoints from before the record are taken as they are)."""
+    if not (ckpt / SUMS).is_file():
+        return None if all((ckpt / f).is_file() for f in CHECKPOINT_FILES) else "files missing"
+    try:
+        sums = json.loads((ckpt / SUMS).read_text(encoding="utf-8"))
+    except ValueError:
+        return f"unreadable {SUMS}"
+    for name, (size, digest) in sums.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, {size} when written"
+        if file_sum(f)[1] != digest:
+            return f"{name} checksum differs from when it was written"
+    return None
+
+
+# settings a resumed run may change: how long it runs, how often it logs and saves, how it is shown, and the
+# micro-batching (the examples per step are checked on their own: check_resume)
+RESUMABLE_CHANGES = {"max_steps", "epochs", "steps", "save_every", "keep_checkpoints", "log_every", "eval_every",
+                     "quiet", "resume", "overwrite", "out", "batch_size", "grad_accum", "auto_batch_size"}
+INPUTS = {"data", "prompts", "ptx_data", "norm_data", "reward", "policy", "model", "from_dir"}  # by content, not path
+
+
+def identity(cfg, data: dict[str, tuple[str, str]], source) -> dict:
+    """What a run means, for --resume to compare: the settings (less RESUMABLE_CHANGES), the sha256 of each
+    input ({role: (path, digest)}: a moved file with the same content is the same input) and the model it
+    trains on (the base's fingerprint and the run dirs on it)."""
+    from instructcli import sources
+    from instructcli.config import to_dict
+
+    base = "+".join([sources.fingerprint(source)] + [sources.dir_hash(d) for d in source.merged]
+                    + ([sources.dir_hash(source.run_dir)] if source.run_dir else []))
+    flat = {}
+    for k, v in to_dict(cfg).items():
+        flat.update(v if isinstance(v, dict) else {k: v})
+    settings = {k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES | INPUTS}
+    return json.loads(json.dumps({"settings": settings, "data": data, "base": base}))  # as a checkpoint holds it
+
+
+def check_identity(had: dict | None, now: dict, step: int) -> None:
+    """--resume continues only the run its checkpoint is from: a one-line diff of the first difference."""
+    if not had:  # a checkpoint from before identities were recorded
+        return
+    for role, (path, digest) in now["data"].items():
+        old = had["data"].get(role)
+        if old is not None and old[1] != digest:
+            was = "" if old[0] == path else f", at step {step} {old[0]}"
+            raise InstructError(f"--resume: {path} changed since step {step} (sha256 {old[1][:8]}… → {digest[:8]}…"
+                                f"{was}); start a new run or pass the original file", 2)
+    if had.get("base") != now["base"]:
+        raise InstructError(f"--resume: the base model changed since step {step} (fingerprint {had.get('base')} → "
+                            f"{now['base']}); start a new run or pass the original model", 2)
+    for k, v in now["settings"].items():
+        if k in had["settings"] and had["settings"][k] != v:
+            raise InstructError(f"--resume: --{k.replace('_', '-')} was {had['settings'][k]!r} at step {step}, now "
+                                f"{v!r}; resume with the same settings (only length, logging and checkpointing "
+                                "flags may change) or start a new run", 2)
 
 
 def versions() -> dict:
@@ -52,6 +130,9 @@ class RunDir:
         self.work = Path(str(self.out) + ".partial")
         if str(out) in ("", "-"):
             raise InstructError("-o: an output directory is required", 2)
+        # one writer per run dir, from before the checks to the rename into place (under a launcher: the main)
+        self.lock = files.Lock(self.out, make_parent=True) if parallel.main else None
+        self.identity: dict | None = None  # what a resumed run must match (set_identity); saved in checkpoints
         if self.out.exists() and not self.out.is_dir():
             raise InstructError(f"{out}: exists and is not a directory", 2)
         if resume:
@@ -99,25 +180,33 @@ class RunDir:
         if not parallel.main:
             parallel.barrier()
             return final
-        with files.atomic_dir(final, replace=True, tmp=self.ckpt_root / f".step-{step}.tmp") as tmp:
-            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-            state = {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rngs[0],
-                "rng_ranks": rngs,
-                "extra": extra,
-            }
-            torch.save(state, tmp / "state.pt")
+        weights = trainable_state(model)
+        try:
+            with files.atomic_dir(final, replace=True, tmp=self.ckpt_root / f".step-{step}.tmp") as tmp:
+                save_file(weights, str(tmp / "trainable.safetensors"))
+                state = {
+                    "step": step,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rngs[0],
+                    "rng_ranks": rngs,
+                    "extra": {**extra, "identity": self.identity} if self.identity else extra,
+                }
+                torch.save(state, tmp / "state.pt")
+                # sizes and checksums, so a damaged checkpoint (a full disk, a cut copy) is told from a good one
+                files.atomic_write_text(tmp / SUMS, json.dumps({f: file_sum(tmp / f) for f in CHECKPOINT_FILES}))
+        except OSError as e:
+            needed = 3 * sum(t.numel() * t.element_size() for t in weights.values())  # weights + Adam's 2 moments
+            raise (files.no_space(e, final, needed) or e) from None
         for old in self.checkpoints()[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         parallel.barrier()
         return final
 
     def load_checkpoint(self, model, optimizer, scheduler) -> dict | None:
-        """Restore the newest complete checkpoint; returns its state (step, extra) or None if there is none.
-        Metric lines logged after it (or all of them, without one) are dropped: those steps run again."""
+        """Restore the newest intact checkpoint (a damaged one is reported, set aside as `damaged-step-N`, and
+        the one before it used); returns its state (step, extra) or None if there is none. Metric lines logged
+        after it (or all of them, without one) are dropped: those steps run again."""
         from safetensors.torch import load_file
 
         ckpts = self.checkpoints()
@@ -125,14 +214,26 @@ class RunDir:
             if parallel.main:
                 self.truncate_metrics(0)
             return None
-        last = ckpts[-1]
-        try:
-            load_trainable_state(model, load_file(str(last / "trainable.safetensors")))
-            state = torch.load(last / "state.pt", weights_only=True)  # no pickle of arbitrary objects
-        except InstructError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise InstructError(f"{last}: unreadable checkpoint: {e}", 1) from None
+        for last in reversed(ckpts):
+            try:
+                if why := damage(last):
+                    raise ValueError(why)
+                weights = load_file(str(last / "trainable.safetensors"))
+                state = torch.load(last / "state.pt", weights_only=True)  # no pickle of arbitrary objects
+                break
+            except Exception as e:  # noqa: BLE001 - any unreadable file: the checkpoint is damaged
+                console.warn(f"{last}: damaged checkpoint ({(str(e).splitlines() or [type(e).__name__])[0][:120]}); "
+                             + ("using the one before it" if last != ckpts[0] else "no earlier one"))
+                if parallel.main:  # set aside (kept for a look), so it is not taken again
+                    aside = last.with_name(f"damaged-{last.name}")
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.replace(last, aside)
+        else:
+            raise InstructError(f"--resume: no intact checkpoint in {self.ckpt_root} (every one is damaged); "
+                                "start again with --overwrite", 1)
+        if self.identity:  # before any weight is loaded: another model's shapes would fail less clearly
+            check_identity(state["extra"].get("identity"), self.identity, state["step"])
+        load_trainable_state(model, weights)
         try:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -170,12 +271,18 @@ class RunDir:
         if not parallel.main:
             parallel.barrier()  # returns once the main process has put the dir in place
             return self.out
-        model.save_pretrained(self.work, **({"selected_adapters": adapters} if adapters else {}))
-        tokenizer.save_pretrained(self.work)
-        manifest = {"format_version": FORMAT_VERSION, **manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "versions": versions()}
-        files.atomic_write_text(self.work / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+        try:
+            model.save_pretrained(self.work, **({"selected_adapters": adapters} if adapters else {}))
+            tokenizer.save_pretrained(self.work)
+            manifest = {"format_version": FORMAT_VERSION, **manifest,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions()}
+            files.atomic_write_text(self.work / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+        except OSError as e:  # the run dir stays .partial, its checkpoints intact: --resume finishes it
+            needed = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+            raise (files.no_space(e, self.work, needed) or e) from None
         files.replace_dir(self.work, self.out)
+        if self.lock:
+            self.lock.release()
         parallel.barrier()
         return self.out
 

@@ -114,7 +114,10 @@ def command(cls, help: str, name: str | None = None, toml: bool = True):
             cfg = _build(cls, values)  # a bad value stops here, before anything runs
             if show:
                 return _print_config(ctx, dict(ctx.params))
-            return body(*(values[p.name] for p in hand), cfg=cfg)
+            try:
+                return body(*(values[p.name] for p in hand), cfg=cfg)
+            except KeyboardInterrupt as e:  # typer would make any of them exit 130: 128 + the signal instead
+                raise SystemExit(128 + getattr(e, "signum", 2)) from None
 
         run.__name__, run.__doc__ = body.__name__, body.__doc__
         run.__signature__ = inspect.Signature(params)
@@ -167,10 +170,12 @@ def score(reward: Annotated[str, typer.Argument(help="An rm run dir.")],
 @command(configs.LabelConfig, "Rank each prompt's K responses in the terminal (or by --judge), writing comparisons for "
          "rm.", toml=False)
 def label(samples: Annotated[str, typer.Argument(help="Samples JSONL (output of sample).")], cfg: configs.LabelConfig):
-    from instructcli import console, judge as judges, label as stage
+    from instructcli import console, files, judge as judges, label as stage, loop
 
     fn = judges.make_judge(cfg.judge, cfg.quant, console.log) if cfg.judge else None
-    print(json.dumps(stage.run(cfg.samples, cfg.out, judge=fn, noise=cfg.noise, seed=cfg.seed)))
+    # every answer is on disk (appended, fsynced) when it is made: SIGTERM and SIGHUP stop at once, as Ctrl-C
+    with files.Lock(cfg.out, "--out"), loop.stop_at_once():
+        print(json.dumps(stage.run(cfg.samples, cfg.out, judge=fn, noise=cfg.noise, seed=cfg.seed)))
 
 
 @command(configs.PPOConfig, "PPO against a reward model with a per-token KL penalty to the SFT policy, plus PPO-ptx.")
@@ -272,12 +277,17 @@ def main() -> None:
     except click.exceptions.ClickException as e:  # usage errors: exit 2
         e.show()
         rc = e.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        rc = 130
+    except (KeyboardInterrupt, click.exceptions.Abort) as e:
+        rc = 128 + getattr(e, "signum", 2)
     except BrokenPipeError:  # `instruct sample ... | head`
         sys.stderr.close()
         rc = 0
     except Exception as e:  # noqa: BLE001 - one line, not a traceback; INSTRUCT_DEBUG=1 shows it
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
+            e.show()  # a usage error of the click that typer vendors (not click.ClickException): exit 2
+            sys.exit(e.exit_code)
+        if type(e).__name__ == "Abort":
+            sys.exit(130)
         if debug:
             raise
         from instructcli import console

@@ -26,13 +26,19 @@ def _generate_answers(spec: str, prompts: data.Loaded, cfg: CompareConfig) -> di
 
 
 def compare(cfg: CompareConfig) -> dict:
+    if cfg.out == "-":
+        raise InstructError("--out: compare writes per-prompt rows to a file (stdout carries the JSON summary)", 2)
+    files.check_output_file(cfg.out)
+    with files.Lock(cfg.out, "--out"):  # one writer of --out (and of its .pairs/.labels files)
+        return _compare(cfg)
+
+
+def _compare(cfg: CompareConfig) -> dict:
     console.set_quiet(cfg.quiet)
     if len(cfg.items) < 2:
         raise InstructError("compare needs at least two models or samples files (the first is the baseline)", 2)
     if len(set(cfg.items)) < len(cfg.items):
         raise InstructError("compare: an item is given twice; each model or samples file once", 2)
-    if cfg.out == "-":
-        raise InstructError("--out: compare writes per-prompt rows to a file (stdout carries the JSON summary)", 2)
     files.check_output_file(cfg.out)
     # everything that can be refused is checked before any model spends time answering
     if cfg.judge.startswith("rm:"):

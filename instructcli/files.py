@@ -3,7 +3,9 @@ the JSONL writer, and the output-dir checks."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -69,6 +71,83 @@ def atomic_write_text(path: str | Path, text: str, mode_of: str | Path | None = 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+_held: dict[str, "Lock"] = {}  # this process's locks: a stage run again in one process (tests) takes its own
+
+
+class Lock:
+    """One writer per output: an exclusive flock on a hidden sibling `.<name>.lock`, held until release() or
+    the process ends. A second instruct on the same output is refused up front (exit 2) naming the holder's
+    pid; the kernel drops a dead process's flock, so a stale lock file never blocks."""
+
+    def __init__(self, target: str | Path, flag: str = "-o", make_parent: bool = False):
+        target = Path(target)
+        self.path = target.parent / f".{target.name}.lock"
+        self.key, self.fd = str(self.path.absolute()), None
+        if self.key in _held:  # this process holds it (a stage run again in the same process): take it over
+            self.fd = _held[self.key].fd
+            _held[self.key] = self
+            return
+        if make_parent:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        elif not self.path.parent.is_dir():
+            return  # nothing can be written there: the caller's own check says so
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise InstructError(f"{flag} {target}: another instruct (pid {holder}) is writing it; wait for it "
+                                    f"to end or choose another {flag}", 2) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its last holder removed the file meanwhile: lock the one now there
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        _held[self.key] = self
+        atexit.register(self.release)
+
+    def release(self) -> None:
+        if self.fd is None or _held.get(self.key) is not self:
+            return
+        del _held[self.key]
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def no_space(e: OSError, path: str | Path, needed: int) -> InstructError | None:
+    """The one-line error for a write that ran out of disk space (else None): the path, the space it needed
+    and the space there is."""
+    import errno
+
+    if e.errno != errno.ENOSPC:
+        return None
+    try:
+        free = shutil.disk_usage(Path(path).parent if not Path(path).exists() else path).free
+    except OSError:
+        free = 0
+    return InstructError(f"{path}: no space left on device (about {needed / 2**20:.1f} MB needed, "
+                         f"{free / 2**20:.1f} MB free); free some space and run it again (--resume continues "
+                         "a training run from its last checkpoint)", 1)
 
 
 def check_output_file(path: str) -> str:
@@ -144,6 +223,7 @@ class ResultDir:
                 raise InstructError(f"{out}: not a results directory written by instruct; --overwrite only "
                                     "replaces those", 2)
         self._build = None
+        self.lock = Lock(self.out, "--out")
 
     def __enter__(self):
         for old in self.out.parent.glob(f".{self.out.name}.tmp-*"):  # left by a killed run
@@ -153,4 +233,7 @@ class ResultDir:
         return self._build.__enter__()
 
     def __exit__(self, exc_type, exc, tb):
-        return self._build.__exit__(exc_type, exc, tb)
+        try:
+            return self._build.__exit__(exc_type, exc, tb)
+        finally:
+            self.lock.release()

@@ -3,6 +3,7 @@ step, checkpoint-or-stop; Ctrl-C, non-finite steps and out-of-memory handling; m
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
@@ -27,11 +28,13 @@ def schedule(t, optimizer, examples: int):
 
 
 def start_or_resume(run: checkpoint.RunDir, model, optimizer, scheduler, params: list, resume: bool, seed: int,
-                    per_step: int, what: str = "examples") -> tuple[int, dict | None, console.Metrics]:
-    """With --resume, restore the newest checkpoint; then every process starts from the same weights (and,
+                    per_step: int, identity: dict, what: str = "examples") -> tuple[int, dict | None, console.Metrics]:
+    """With --resume, restore the newest intact checkpoint, which must be of the same run (`identity`: its
+    data, base and settings; checkpoint.identity); then every process starts from the same weights (and,
     fresh, its own random streams), and the run dir is created. Returns (the first step, the checkpoint's
     state or None, the run's metrics.jsonl writer)."""
     state = None
+    run.identity = identity
     if resume and (state := run.load_checkpoint(model, optimizer, scheduler)):
         checkpoint.check_resume(state["extra"], per_step, what)
         console.log(f"resumed from step {state['step']}")
@@ -74,31 +77,67 @@ def checkpoint_or_stop(run: checkpoint.RunDir, done: int, total: int, interrupt:
     if stop:
         metrics.close()
         console.stopped(done)
-        raise KeyboardInterrupt
+        raise Stopped(interrupt.signum or signal.SIGINT)  # another process was signalled: as Ctrl-C
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """A run stopped by a signal: the CLI exits 128 + signum (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__()
+        self.signum = int(signum)
+
+
+@contextlib.contextmanager
+def stop_at_once():
+    """SIGTERM and SIGHUP stop at once, as Ctrl-C does (exit 143 / 129): for commands whose every answer is
+    already on disk when it is made (label)."""
+    def handle(signum, frame):
+        raise Stopped(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 class Interrupt:
-    """First Ctrl-C sets `requested` so the loop can finish its step and checkpoint; a second one stops at once."""
+    """The first Ctrl-C, SIGTERM (docker stop, Kubernetes, Slurm preemption, `timeout`) or SIGHUP (a closed
+    terminal) sets `requested`, so the loop finishes its step, writes a checkpoint and stops (exit 128 +
+    signum); a second signal stops at once."""
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.requested, self.signum = False, None
+        self._old = {}
 
     def _handle(self, signum, frame):
         if self.requested:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        self.requested = True
-        warn("interrupted: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)")
+            self._restore()
+            raise Stopped(signum)
+        self.requested, self.signum = True, signum
+        warn(f"{signal.Signals(signum).name}: finishing this step and writing a checkpoint (a second signal "
+             "stops at once)")
+
+    def _restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        self._restore()
         return False
 
 

@@ -133,8 +133,12 @@ def train(cfg: PPOConfig) -> Path:
                 f"ptx {cfg.ptx_coef if ptx else 0}; old log-probs "
                 f"{'from the sampling loop' if rollout_logprobs else 'recomputed'}")
     rollout_size = cfg.rollout_batch_size  # per process; each process rolls out its own prompts
+    inputs = {"prompts": (cfg.prompts, prompts.sha256), **({"ptx_data": (cfg.ptx_data, ptx.sha256)} if ptx else {}),
+              "reward": (cfg.reward, sources.dir_hash(rm_source.run_dir) if rm_source else
+                         checkpoint.file_sum(Path(cfg.reward.rpartition(":")[0]))[1])}
     start, state, metrics = loop.start_or_resume(run, nets, optimizer, scheduler, params, cfg.resume, cfg.seed,
-                                 rollout_size * parallel.world, "rollouts")
+                                                 rollout_size * parallel.world,
+                                                 checkpoint.identity(cfg, inputs, policy_source), "rollouts")
     if state:
         kl_ctl.value = state["extra"]["kl_coef"]
     order = checkpoint.EpochOrder(len(queries), cfg.seed)

@@ -76,7 +76,11 @@ def train(cfg: RMConfig) -> Path:
     console.log(f"rm: {len(train_set)} train / {len(eval_set)} eval prompts, {total} steps of "
                 f"{t.batch_size}x{t.grad_accum}{parallel.times()} prompts, {sum(p.numel() for p in params):,} "
                 f"trainable parameters, {mc.quant} base on {device}")
-    start, state, metrics = loop.start_or_resume(run, model, optimizer, scheduler, params, cfg.resume, t.seed, per_step)
+    inputs = {"data": (cfg.data, rows.sha256)}
+    if norm_rows:
+        inputs["norm_data"] = (cfg.norm_data, norm_rows.sha256)
+    start, state, metrics = loop.start_or_resume(run, model, optimizer, scheduler, params, cfg.resume, t.seed, per_step,
+                                                 checkpoint.identity(cfg, inputs, source))
     order = checkpoint.EpochOrder(len(train_set), t.seed)
 
     def evaluate() -> dict:

@@ -49,7 +49,9 @@ def train(cfg: SFTConfig) -> Path:
                 f"{t.batch_size}x{t.grad_accum}{parallel.times()}, {n_trainable:,} trainable parameters, {mc.quant} "
                 f"base on {device}")
 
-    start, state, metrics = loop.start_or_resume(run, model, optimizer, scheduler, params, cfg.resume, t.seed, per_step)
+    ident = checkpoint.identity(cfg, {"data": (cfg.data, rows.sha256)}, source)
+    start, state, metrics = loop.start_or_resume(run, model, optimizer, scheduler, params, cfg.resume, t.seed, per_step,
+                                                 ident)
 
     order = checkpoint.EpochOrder(len(train_set), t.seed)  # the data position is a function of the step: resumable
 

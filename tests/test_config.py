@@ -89,3 +89,10 @@ def test_a_config_built_in_python_is_checked_as_flags_are():
         C.RMConfig(data="d", from_dir="runs/sft", model=C.ModelConfig(model="other"))
     assert C.RMConfig(data="d", from_dir="runs/sft").model.model == "runs/sft"
     assert C.PPOConfig(policy="runs/sft", reward="r", prompts="x", ptx_coef=0).model.model == "runs/sft"
+
+
+def test_a_usage_error_is_exit_2_in_one_line(cli):
+    r = cli("sft", "x.jsonl", "--no-such-flag")
+    assert r.code == 2 and "No such option: --no-such-flag" in r.err and "Traceback" not in r.err, r
+    r = cli("ppo", "--policy", "p")  # required options missing
+    assert r.code == 2 and "Missing option" in r.err, r

@@ -224,3 +224,143 @@ def test_label_killed_mid_session_keeps_every_answer(tmp_path):
     assert p.returncode == 0, p.stderr
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["x0", "x1", "x2", "x3"] and rows[3]["ranks"] == [1, 1, 2]
+
+
+# ------------------------------------------------------------------------------------- SIGTERM and SIGHUP
+def steps_logged(out: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in (Path(str(out) + ".partial") / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stage,sig", [("sft", signal.SIGTERM), ("rm", signal.SIGHUP)])
+def test_sigterm_and_sighup_stop_like_the_first_ctrl_c_and_the_run_resumes_exactly(stage_args, tmp_path, stage,
+                                                                                  sig):
+    """What docker stop, Slurm preemption, `timeout` (SIGTERM) or a closed terminal (SIGHUP) send: the step
+    ends, a checkpoint is written, exit 128 + signum; resumed, the curve equals an uninterrupted run's."""
+    d, env, all_args = stage_args
+    args = [a for a in all_args[stage]]
+    args[args.index("--max-steps") + 1] = 400  # long: the signal lands mid-run
+    args[args.index("--save-every") + 1] = 1000  # only the signal writes a checkpoint
+    args += ["--schedule", "constant", "--warmup", 0]  # the rate does not depend on the run's length
+    out = tmp_path / "term"
+    p = subprocess.Popen(cmd([*args, "-o", out]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    assert wait_for_metrics(out, p, lines=2)
+    p.send_signal(sig)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 128 + sig, err
+    assert signal.Signals(sig).name in err and "continue with the same command plus --resume" in err
+    assert "Traceback" not in err
+    ckpts = list((Path(str(out) + ".partial") / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and check_invariants(out) == 1
+    step = int(ckpts[0].name.split("-")[1])
+    assert steps_logged(out) == list(range(1, step + 1))
+    # lengthening or shortening the run is allowed on resume; the result is the run of that length
+    short = [*args[:args.index("--max-steps") + 1], step + 3, *args[args.index("--max-steps") + 2:]]
+    r = run([*short, "-o", out, "--resume"], env)
+    assert r.returncode == 0, r.stderr
+    ref = tmp_path / "ref"
+    assert run([*short, "-o", ref], env).returncode == 0
+    got, want = curve(out, stage), curve(ref, stage)
+    assert [g[0] for g in got] == list(range(1, step + 4))
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-4)
+
+
+def test_ppo_sigterm_checkpoints_and_exits_143(stage_args, tmp_path):
+    d, env, all_args = stage_args
+    slow = tmp_path / "slow.py"
+    slow.write_text("import time\n\ndef f(prompt, response):\n    time.sleep(0.25)\n    return 1.0\n")
+    args = list(all_args["ppo"])
+    args[args.index("--reward") + 1] = f"{slow}:f"
+    args[args.index("--steps") + 1] = 100
+    args[args.index("--save-every") + 1] = 1000
+    out = tmp_path / "ppo-term"
+    p = subprocess.Popen(cmd([*args, "-o", out]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    assert wait_for_metrics(out, p)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 143, err
+    ckpts = list((Path(str(out) + ".partial") / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and check_invariants(out) == 1
+    step = int(ckpts[0].name.split("-")[1])
+    args[args.index("--steps") + 1] = step + 1
+    r = run([*args, "-o", out, "--resume"], env)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, step + 2))
+
+
+def test_label_stops_at_once_on_sigterm_keeping_every_answer(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": f"x{i}", "prompt": f"P{i}", "responses": ["a", "b", "c"]}
+                                                 for i in range(4)])
+    out = tmp_path / "ranked.jsonl"
+    p = subprocess.Popen(cmd(["label", samples, "-o", out]), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, env=child_env(tmp_path), text=True)
+    p.stdin.write("1 2 3\n")
+    p.stdin.flush()
+    t0 = time.time()
+    while (not out.exists() or not out.read_text().strip()) and time.time() - t0 < 60:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)  # waiting for the next answer
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 143 and "Traceback" not in err, err
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["x0"]
+
+
+# ------------------------------------------------------------------------------------- one writer per output
+HOLD = ("import sys, time\nfrom instructcli import {mod}\n{expr}\nprint('held', flush=True)\ntime.sleep(120)\n")
+
+
+def holder(env, mod: str, expr: str):
+    """A real process that holds the lock of an output, as a running instruct does."""
+    p = subprocess.Popen([sys.executable, "-c", HOLD.format(mod=mod, expr=expr)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env, text=True)
+    assert p.stdout.readline().strip() == "held", p.stderr.read()
+    return p
+
+
+def test_a_second_writer_of_a_run_dir_is_refused_naming_the_first_and_a_dead_one_never_blocks(stage_args, tmp_path):
+    d, env, all_args = stage_args
+    out = tmp_path / "dup"
+    args = [*all_args["sft"][:all_args["sft"].index("--max-steps")], "--max-steps", 2, "-b", 2, "--eval-frac", 0, "-q"]
+    first = holder(env, "checkpoint", f"r = checkpoint.RunDir({str(out)!r})")
+    try:
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            r = run([*args, "-o", out, *extra], env)
+            assert r.returncode == 2, r.stderr
+            assert f"pid {first.pid}" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not out.exists() and not Path(str(out) + ".partial").exists()
+    finally:
+        first.kill()
+        first.wait()
+    assert (tmp_path / ".dup.lock").exists()  # left by the killed holder: stale
+    r = run([*args, "-o", out], env)
+    assert r.returncode == 0, r.stderr
+    assert (out / "instruct.json").is_file() and not (tmp_path / ".dup.lock").exists()
+
+
+def test_label_compare_and_eval_outputs_have_one_writer(tmp_path, tiny_dir):
+    env = child_env(tmp_path)
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "prompt": "P", "responses": ["x", "yy"]}])
+    rule = tmp_path / "rule.py"
+    rule.write_text("def n(prompt, response):\n    return float(len(response))\n")
+    out = tmp_path / "ranked.jsonl"
+    first = holder(env, "files", f"lock = files.Lock({str(out)!r})")
+    try:
+        r = run(["label", samples, "-o", out, "--judge", f"{rule}:n"], env)
+        assert r.returncode == 2 and f"pid {first.pid}" in r.stderr, r.stderr
+        r = run(["compare", samples, samples.with_name("t.jsonl"), "--judge", f"{rule}:n", "-o", out], env)
+        assert r.returncode == 2 and f"pid {first.pid}" in r.stderr, r.stderr
+    finally:
+        first.kill()
+        first.wait()
+    assert not out.exists()
+    r = run(["label", samples, "-o", out, "--judge", f"{rule}:n"], env)
+    assert r.returncode == 0 and len(out.read_text().splitlines()) == 1, r.stderr
+    ev = tmp_path / "ev"
+    first = holder(env, "files", f"d = files.ResultDir({str(ev)!r})")
+    try:
+        lm = write_jsonl(tmp_path / "lm.jsonl", [{"text": "a b c"}])
+        r = run(["eval", tiny_dir, "--lm-data", lm, "-o", ev], env)
+        assert r.returncode == 2 and f"pid {first.pid}" in r.stderr, r.stderr
+    finally:
+        first.kill()
+        first.wait()
