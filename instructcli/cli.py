@@ -298,6 +298,10 @@ def main() -> None:
         else:
             console.error(f"{type(e).__name__}: {msg} (INSTRUCT_DEBUG=1 shows the traceback)")
         rc = 1
+    finally:
+        from instructcli import files
+
+        files.release_locks()  # however the command ended, its outputs are free for the next writer
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -134,6 +134,12 @@ class Lock:
         return False
 
 
+def release_locks() -> None:
+    """At the end of a command, however it ended: its outputs are free for the next writer."""
+    for lock in list(_held.values()):
+        lock.release()
+
+
 def no_space(e: OSError, path: str | Path, needed: int) -> InstructError | None:
     """The one-line error for a write that ran out of disk space (else None): the path, the space it needed
     and the space there is."""

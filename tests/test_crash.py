@@ -88,8 +88,10 @@ def check_invariants(out: Path) -> int:
 
 
 def kill_trial(stage: str, args, env, out: Path, window: tuple[float, float], rng: random.Random,
-               max_kills: int = 3) -> dict:
-    """Start, SIGKILL at a random moment of the training window, check, resume; repeat until the run completes."""
+               max_kills: int = 3, signals=(signal.SIGKILL,)) -> dict:
+    """Start, SIGKILL (or another of `signals`) at a random moment of the training window, check, resume;
+    repeat until the run completes. SIGTERM must end in a graceful stop (143) or, before the loop runs, the
+    default termination."""
     kills = checked = 0
     while True:
         resume = ["--resume"] if Path(str(out) + ".partial").is_dir() else ["--overwrite"]
@@ -99,10 +101,15 @@ def kill_trial(stage: str, args, env, out: Path, window: tuple[float, float], rn
             try:
                 p.wait(timeout=rng.uniform(*window))
             except subprocess.TimeoutExpired:
-                p.send_signal(signal.SIGKILL)
-                p.wait()
+                sig = rng.choice(signals)
+                p.send_signal(sig)
+                err = p.communicate(timeout=600)[1]
+                if sig != signal.SIGKILL:
+                    assert p.returncode in (128 + sig, -sig, 0), err
                 kills += 1
                 checked += check_invariants(out)
+                if p.returncode == 0:
+                    return {"kills": kills, "checkpoints_checked": checked}
                 continue
         err = p.communicate(timeout=600)[1]
         assert p.returncode == 0, err
@@ -110,7 +117,7 @@ def kill_trial(stage: str, args, env, out: Path, window: tuple[float, float], rn
         return {"kills": kills, "checkpoints_checked": checked}
 
 
-def trials(stage_args, stage: str, n: int, seed: int) -> list[dict]:
+def trials(stage_args, stage: str, n: int, seed: int, signals=(signal.SIGKILL,)) -> list[dict]:
     d, env, all_args = stage_args
     args = all_args[stage]
     ref = d / f"{stage}-ref"
@@ -126,7 +133,7 @@ def trials(stage_args, stage: str, n: int, seed: int) -> list[dict]:
     results = []
     for i in range(n):
         out = d / f"{stage}-trial-{seed}-{i}"
-        res = kill_trial(stage, args, env, out, window, rng)
+        res = kill_trial(stage, args, env, out, window, rng, signals=signals)
         got = curve(out, stage)
         assert [g[0] for g in got] == [w[0] for w in want], (res, got)
         for g, w in zip(got, want):
@@ -146,9 +153,9 @@ def test_sigkill_at_random_moments_loses_nothing(stage_args, stage):
 def test_sigkill_soak(stage_args, stage):
     n = int(os.environ.get("INSTRUCT_SOAK_TRIALS", "8"))
     t0 = time.time()
-    res = trials(stage_args, stage, n, seed=100)
+    res = trials(stage_args, stage, n, seed=100, signals=(signal.SIGKILL, signal.SIGTERM))
     kills = sum(r["kills"] for r in res)
-    print(f"\nsoak {stage}: {n} trials, {kills} SIGKILLs, {sum(r['checkpoints_checked'] for r in res)} checkpoint "
+    print(f"\nsoak {stage}: {n} trials, {kills} SIGKILLs or SIGTERMs, {sum(r['checkpoints_checked'] for r in res)} checkpoint "
           f"loads checked, every resumed curve equal to the uninterrupted one, {time.time() - t0:.0f} s")
     assert kills >= n
 

@@ -56,8 +56,8 @@ def test_checkpoint_or_stop_saves_on_schedule_and_stops_with_a_checkpoint(tmp_pa
     p, opt, sched = one_param()
     metrics = console.Metrics(run.metrics_path)
 
-    class Asked:
-        requested = False
+    class Asked:  # loop.Interrupt's state
+        requested, signum = False, None
 
     ask = Asked()
     for done in (1, 2, 3):
@@ -65,10 +65,10 @@ def test_checkpoint_or_stop_saves_on_schedule_and_stops_with_a_checkpoint(tmp_pa
     assert [c.name for c in run.checkpoints()] == ["step-2"]
     loop.checkpoint_or_stop(run, 4, 4, ask, 2, 5, torch.nn.Module(), opt, sched, {}, metrics)  # the end: no checkpoint
     assert [c.name for c in run.checkpoints()] == ["step-2"]
-    ask.requested = True  # Ctrl-C during step 3 of a longer run
-    with pytest.raises(KeyboardInterrupt):
+    ask.requested, ask.signum = True, 15  # SIGTERM during step 3 of a longer run
+    with pytest.raises(loop.Stopped) as e:
         loop.checkpoint_or_stop(run, 3, 10, ask, 0, 5, torch.nn.Module(), opt, sched, {"x": 1}, metrics)
-    assert [c.name for c in run.checkpoints()] == ["step-2", "step-3"]
+    assert [c.name for c in run.checkpoints()] == ["step-2", "step-3"] and e.value.signum == 15
 
 
 def test_micro_batches_resume_at_the_halved_size():
