@@ -12,17 +12,19 @@ from instructcli.config import CompareConfig, ModelConfig
 from instructcli.errors import InstructError
 
 
-def _generate_answers(spec: str, prompts: data.Loaded, cfg: CompareConfig) -> dict[str, str]:
-    """id -> the model's one answer to each of --prompts (every model with the same seed)."""
+def _generate_answers(spec: str, prompts: data.Loaded, cfg: CompareConfig) -> tuple[dict[str, str], dict[str, bool]]:
+    """id -> the model's one answer to each of --prompts (every model with the same seed), and id -> whether
+    it ended on its own (False: cut off at --max-new-tokens)."""
     source = sources.resolve(spec, console.log)
     tok = models.load_tokenizer(source)
     device = models.pick_device()
     model = models.inference_model(source, ModelConfig(model=spec, quant=cfg.quant, dtype=cfg.dtype), device)
     _, outs = generate.answer_prompts(model, tok, prompts, 1, cfg, cfg.seed, device, f"compare: {spec}")
     out = {p.id: tok.decode(o[0], skip_special_tokens=True).strip() for p, o in zip(prompts.records, outs)}
+    ended = {p.id: data.ended(tok, o[0]) for p, o in zip(prompts.records, outs)}
     model = None
     loop.free_memory()
-    return out
+    return out, ended
 
 
 def compare(cfg: CompareConfig) -> dict:
@@ -65,14 +67,19 @@ def _compare(cfg: CompareConfig) -> dict:
         first = samples[cfg.items[0]].records
         ids = list(dict.fromkeys(s.id for s in first))
         text = {s.id: (s.prompt, s.messages or [{"role": "user", "content": s.prompt}]) for s in reversed(first)}
+    ended: dict[str, dict[str, bool]] = {}  # spec -> id -> the answer ended on its own (the RM judge reads it)
     for spec, loaded in samples.items():
         ans = {s.id: s.responses[0] for s in reversed(loaded.records)}  # reversed: the first row of an id wins
+        ended[spec] = {s.id: bool((s.extra.get("ended") or [True])[0]) for s in reversed(loaded.records)}
         missing = [i for i in ids if i not in ans]
         if missing:
             raise InstructError(f"{spec}: no answer for prompt id {missing[0]}"
                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), 2)
         samples[spec] = ans
-    answers = [samples[spec] if spec in samples else _generate_answers(spec, prompts, cfg) for spec in cfg.items]
+    for spec in cfg.items:
+        if spec not in samples:
+            samples[spec], ended[spec] = _generate_answers(spec, prompts, cfg)
+    answers = [samples[spec] for spec in cfg.items]
 
     base, others = cfg.items[0], list(enumerate(cfg.items))[1:]
     per_prompt = {i: {"id": i, "prompt": text[i][0], "responses": {s: a[i] for s, a in zip(cfg.items, answers)}}
@@ -86,7 +93,9 @@ def _compare(cfg: CompareConfig) -> dict:
         with console.Bar(len(ids), "compare: judging") as bar:
             for i in ids:
                 prompt, msgs = text[i]
-                scores = fn(data.Sample(i, prompt, [a[i] for a in answers], "", msgs if len(msgs) > 1 else None))
+                # cut-off answers are scored as cut off, as the RM was trained and as PPO scores them
+                scores = fn(data.Sample(i, prompt, [a[i] for a in answers], "", msgs if len(msgs) > 1 else None,
+                                        {"ended": [ended[s][i] for s in cfg.items]}))
                 per_prompt[i]["scores"] = dict(zip(cfg.items, scores))
                 per_prompt[i]["outcomes"] = {}
                 for j, spec in others:

@@ -203,6 +203,26 @@ def test_compare_models_with_an_rm_judge(cli, runs, tmp_path):
     assert (res["ties"], res["win_rate"], res["score_diff"]["mean"]) == (3, 0.5, 0.0)
 
 
+def test_compare_rm_judge_scores_a_cut_off_answer_as_cut_off(cli, runs, tmp_path):
+    """The RM reads its score at the end-of-turn token, which an answer cut off at the token cap does not
+    have: compare must score the same words differently when one copy ended and the other was cut off,
+    exactly as `instruct score` does with `ended`."""
+    from instructcli.config import ModelConfig
+
+    rows = [{"id": f"p{i}", "prompt": f"Question {i}?", "responses": [f"An answer of {i} words"]} for i in range(3)]
+    ended = write_jsonl(tmp_path / "ended.jsonl", [{**r, "ended": [True]} for r in rows])
+    cut = write_jsonl(tmp_path / "cut.jsonl", [{**r, "ended": [False]} for r in rows])
+    out = tmp_path / "cmp.jsonl"
+    r = cli("compare", ended, cut, "--judge", f"rm:{runs['rm']}", "-o", out, "-q")
+    assert r.code == 0, r
+    rm, tok, _ = models.load_reward_model(str(runs["rm"]), ModelConfig(), "cpu")
+    for row, src in zip((json.loads(x) for x in out.read_text().splitlines()), rows):
+        msgs = [{"role": "user", "content": src["prompt"]}]
+        want = [models.reward_scores(rm, tok, msgs, src["responses"], ended=[e])[0] for e in (True, False)]
+        assert [row["scores"][str(ended)], row["scores"][str(cut)]] == pytest.approx(want, abs=1e-5)
+        assert want[0] != pytest.approx(want[1], abs=1e-4)  # the two readings differ: the test can fail
+
+
 class SimulatedPerson(io.StringIO):
     """Answers the label UI as a person who always prefers the response containing GOOD: it reads which pair is
     on screen from the pairs file and the answers written so far."""
