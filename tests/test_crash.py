@@ -174,24 +174,39 @@ def wait_for_metrics(out: Path, p, lines: int = 1, timeout: float = 120) -> bool
     raise AssertionError("the run logged no step in time")
 
 
-def test_first_sigint_checkpoints_and_exits_130_second_exits_at_once(stage_args, tmp_path):
-    d, env, all_args = stage_args
-    slow = tmp_path / "slow.py"  # a judge that takes 0.25 s per response: each step lasts over a second
+def slow_ppo(all_args, tmp_path) -> list:
+    """ppo for 100 steps against a judge that takes 0.25 s per response (each step lasts over a second), with
+    no periodic checkpoint: only a stop writes one."""
+    slow = tmp_path / "slow.py"
     slow.write_text("import time\n\ndef f(prompt, response):\n    time.sleep(0.25)\n    return 1.0\n")
     args = list(all_args["ppo"])
     args[args.index("--reward") + 1] = f"{slow}:f"
     args[args.index("--steps") + 1] = 100
-    args[args.index("--save-every") + 1] = 1000  # only the interrupt writes a checkpoint
-    out = tmp_path / "int"
+    args[args.index("--save-every") + 1] = 1000
+    return args
+
+
+def stop_with(args, out: Path, env, sig, lines: int = 1) -> int:
+    """Start a run, send `sig` once it has logged `lines` steps: it must finish the step, write exactly one
+    loadable checkpoint, print the resume hint and exit 128 + sig. Returns the checkpoint's step."""
     p = subprocess.Popen(cmd([*args, "-o", out]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-    assert wait_for_metrics(out, p)
-    p.send_signal(signal.SIGINT)
+    assert wait_for_metrics(out, p, lines=lines)
+    p.send_signal(sig)
     err = p.communicate(timeout=120)[1]
-    assert p.returncode == 130, err
+    assert p.returncode == 128 + sig, err
     assert "continue with the same command plus --resume" in err and "Traceback" not in err
+    if sig != signal.SIGINT:
+        assert signal.Signals(sig).name in err
     ckpts = list((Path(str(out) + ".partial") / "checkpoints").glob("step-*"))
     assert len(ckpts) == 1 and check_invariants(out) == 1
-    step = int(ckpts[0].name.split("-")[1])
+    return int(ckpts[0].name.split("-")[1])
+
+
+def test_first_sigint_checkpoints_and_exits_130_second_exits_at_once(stage_args, tmp_path):
+    d, env, all_args = stage_args
+    args = slow_ppo(all_args, tmp_path)
+    out = tmp_path / "int"
+    step = stop_with(args, out, env, signal.SIGINT)
     # resume continues after that step; a second Ctrl-C in a step stops at once, without a checkpoint
     p = subprocess.Popen(cmd([*args, "-o", out, "--resume"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          env=env, text=True)
@@ -249,16 +264,7 @@ def test_sigterm_and_sighup_stop_like_the_first_ctrl_c_and_the_run_resumes_exact
     args[args.index("--save-every") + 1] = 1000  # only the signal writes a checkpoint
     args += ["--schedule", "constant", "--warmup", 0]  # the rate does not depend on the run's length
     out = tmp_path / "term"
-    p = subprocess.Popen(cmd([*args, "-o", out]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-    assert wait_for_metrics(out, p, lines=2)
-    p.send_signal(sig)
-    err = p.communicate(timeout=120)[1]
-    assert p.returncode == 128 + sig, err
-    assert signal.Signals(sig).name in err and "continue with the same command plus --resume" in err
-    assert "Traceback" not in err
-    ckpts = list((Path(str(out) + ".partial") / "checkpoints").glob("step-*"))
-    assert len(ckpts) == 1 and check_invariants(out) == 1
-    step = int(ckpts[0].name.split("-")[1])
+    step = stop_with(args, out, env, sig, lines=2)
     assert steps_logged(out) == list(range(1, step + 1))
     # lengthening or shortening the run is allowed on resume; the result is the run of that length
     short = [*args[:args.index("--max-steps") + 1], step + 3, *args[args.index("--max-steps") + 2:]]
@@ -274,21 +280,9 @@ def test_sigterm_and_sighup_stop_like_the_first_ctrl_c_and_the_run_resumes_exact
 
 def test_ppo_sigterm_checkpoints_and_exits_143(stage_args, tmp_path):
     d, env, all_args = stage_args
-    slow = tmp_path / "slow.py"
-    slow.write_text("import time\n\ndef f(prompt, response):\n    time.sleep(0.25)\n    return 1.0\n")
-    args = list(all_args["ppo"])
-    args[args.index("--reward") + 1] = f"{slow}:f"
-    args[args.index("--steps") + 1] = 100
-    args[args.index("--save-every") + 1] = 1000
+    args = slow_ppo(all_args, tmp_path)
     out = tmp_path / "ppo-term"
-    p = subprocess.Popen(cmd([*args, "-o", out]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-    assert wait_for_metrics(out, p)
-    p.send_signal(signal.SIGTERM)
-    err = p.communicate(timeout=120)[1]
-    assert p.returncode == 143, err
-    ckpts = list((Path(str(out) + ".partial") / "checkpoints").glob("step-*"))
-    assert len(ckpts) == 1 and check_invariants(out) == 1
-    step = int(ckpts[0].name.split("-")[1])
+    step = stop_with(args, out, env, signal.SIGTERM)
     args[args.index("--steps") + 1] = step + 1
     r = run([*args, "-o", out, "--resume"], env)
     assert r.returncode == 0, r.stderr
