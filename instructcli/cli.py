@@ -222,6 +222,16 @@ def compare(items: Annotated[list[str], typer.Argument(help="Two or more model/r
         print(json.dumps(stage.compare(cfg), indent=2))
 
 
+@command(configs.ChatConfig, "Talk with a model or run dir: answers streamed token by token; /system TEXT, "
+         "/reset, /temp X, /save FILE (a messages row for sft), /exit. Through a pipe: one turn per line.",
+         toml=False)
+def chat(model: Annotated[str, typer.Argument(help="Run dir (sft, ppo), model dir, hub id, .gguf, or "
+                                              "default.")] = "default", cfg: configs.ChatConfig = None):
+    from instructcli import chat as stage
+
+    stage.run(cfg)
+
+
 @command(configs.ExportConfig, "Merge a run dir's adapter into its base: a plain transformers model dir (no peft "
          "needed).", toml=False)
 def export(run_dir: Annotated[str, typer.Argument(help="A run dir (sft, ppo).")],

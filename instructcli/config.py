@@ -375,6 +375,23 @@ class CompareConfig(Weights, Generation):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ChatConfig:
+    CLI_SKIP: ClassVar[tuple] = INFERENCE_ONLY
+
+    model: ModelConfig = opt(factory=ModelConfig)  # model.model is the positional MODEL
+    system: str = opt("", "A system message the conversation starts with (or /system TEXT).")
+    temperature: float = opt(0.7, "Sampling temperature; 0 = greedy (or /temp X).")
+    top_p: float = opt(1.0, "Nucleus sampling threshold.")
+    max_new_tokens: int = opt(256, "Max tokens per answer.")
+    max_prompt_len: int = opt(2048, "A longer conversation keeps its last tokens.")
+    seed: int = opt(0, SEED_HELP)
+
+    def __post_init__(self):
+        check_sampling(self.temperature, self.top_p)
+        check_positive(self, "max_new_tokens", "max_prompt_len")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExportConfig:
     run_dir: str = arg()
     out: str = arg()

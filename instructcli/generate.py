@@ -9,7 +9,7 @@ from instructcli.decode_cpu import decode_linears
 
 
 def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
-             max_new_tokens: int, device: str, logprobs: bool = False):
+             max_new_tokens: int, device: str, logprobs: bool = False, on_token=None):
     """Sample with a KV cache; per prompt, n lists of new token ids, each cut after its first stop token (EOS
     or the chat template's end-of-turn, kept: stopping is one of the policy's actions).
 
@@ -60,6 +60,8 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
             for r, x, alive in zip(rows.tolist(), tokens.tolist(), live.tolist()):
                 if alive:
                     out[r].append(x)
+                    if on_token is not None:  # streaming (instruct chat): output row, its tokens so far
+                        on_token(r, out[r])
             live = live & ~torch.isin(tokens, stop)
             if t == max_new_tokens - 1 or not live.any():
                 break

@@ -39,7 +39,7 @@ def test_cli_defaults_equal_the_config_defaults(name, cls):
 
 COMMANDS = [("sft", C.SFTConfig), ("rm", C.RMConfig), ("ppo", C.PPOConfig), ("score", C.ScoreConfig),
             ("label", C.LabelConfig), ("sample", C.SampleConfig), ("eval", C.EvalConfig),
-            ("compare", C.CompareConfig), ("export", C.ExportConfig)]
+            ("compare", C.CompareConfig), ("export", C.ExportConfig), ("chat", C.ChatConfig)]
 
 
 def config_fields(cls) -> dict:
