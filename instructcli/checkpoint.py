@@ -132,7 +132,7 @@ class RunDir:
             raise InstructError("-o: an output directory is required", 2)
         # one writer per run dir, from before the checks to the rename into place (under a launcher: the main)
         self.lock = files.Lock(self.out, make_parent=True) if parallel.main else None
-        self.identity: dict | None = None  # what a resumed run must match (set_identity); saved in checkpoints
+        self.identity: dict | None = None  # what a resumed run must match (loop.start_or_resume sets it)
         if self.out.exists() and not self.out.is_dir():
             raise InstructError(f"{out}: exists and is not a directory", 2)
         if resume:
@@ -231,7 +231,7 @@ class RunDir:
         else:
             raise InstructError(f"--resume: no intact checkpoint in {self.ckpt_root} (every one is damaged); "
                                 "start again with --overwrite", 1)
-        if self.identity:  # before any weight is loaded: another model's shapes would fail less clearly
+        if self.identity:  # before its weights are loaded: another model's shapes would fail less clearly
             check_identity(state["extra"].get("identity"), self.identity, state["step"])
         load_trainable_state(model, weights)
         try:

@@ -66,17 +66,17 @@ def _options(cls, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
             continue
         if is_dataclass(hints[f.name]):  # a group (ModelConfig, TrainConfig): its defaults as this stage sets them
             group = f.default_factory()
+            group_hints = get_type_hints(hints[f.name])
             for g in fields(group):
                 if g.name not in skip:
-                    out.append(_option(cls, g, hints[f.name], getattr(group, g.name)))
+                    out.append(_option(cls, g, group_hints[g.name], getattr(group, g.name)))
         elif f.name not in skip:
             default = inspect.Parameter.empty if f.default is MISSING else f.default
-            out.append(_option(cls, f, cls, default))
+            out.append(_option(cls, f, hints[f.name], default))
     return out
 
 
-def _option(cls, f, owner, default) -> inspect.Parameter:
-    kind = get_type_hints(owner)[f.name]
+def _option(cls, f, kind, default) -> inspect.Parameter:
     flags = f.metadata.get("flags") or ((f"--{f.name.replace('_', '-')}",) if kind is bool and not default else ())
     info = typer.Option(*flags, help=configs.field_help(cls, f.name, f))
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info])
@@ -265,6 +265,9 @@ def _result(out) -> None:
 
 
 TRAINING = ("sft", "rm", "ppo")  # the commands that train data-parallel under a launcher
+# typer vendors its own click: its usage errors are not click.ClickException
+USAGE_ERRORS = (click.exceptions.ClickException,
+                *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
 
 
 def main() -> None:
@@ -284,20 +287,15 @@ def main() -> None:
 
         console.error(str(e))
         rc = e.exit_code
-    except click.exceptions.ClickException as e:  # usage errors: exit 2
+    except USAGE_ERRORS as e:  # exit 2
         e.show()
         rc = e.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort) as e:
-        rc = 128 + getattr(e, "signum", 2)
+    except (KeyboardInterrupt, click.exceptions.Abort, typer.Abort):  # a stopped command exits in `command`
+        rc = 130
     except BrokenPipeError:  # `instruct sample ... | head`
         sys.stderr.close()
         rc = 0
     except Exception as e:  # noqa: BLE001 - one line, not a traceback; INSTRUCT_DEBUG=1 shows it
-        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
-            e.show()  # a usage error of the click that typer vendors (not click.ClickException): exit 2
-            sys.exit(e.exit_code)
-        if type(e).__name__ == "Abort":
-            sys.exit(130)
         if debug:
             raise
         from instructcli import console

@@ -56,13 +56,18 @@ def check_eval_frac(eval_frac: float) -> None:
         raise InstructError(f"--eval-frac: must be in [0, 1), got {eval_frac}", 2)
 
 
+SEED_HELP = "Random seed (runs are deterministic on CPU)."
+QUANT_HELP = "Base weights: none | 8bit | 4bit (bitsandbytes)."
+DTYPE_HELP = "auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU, else fp32)."
+
+
 # ------------------------------------------------------------------------------------ shared groups
 @dataclass(frozen=True)
 class ModelConfig:
     model: str = opt("default", "default (embedded SmolLM2-135M-Instruct), hub id (offline cache), local model dir, "
                      ".gguf file, or a run dir.", ("--model", "-m"))
-    quant: str = opt("none", "Base weights: none | 8bit | 4bit (bitsandbytes).")
-    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU, else fp32).")
+    quant: str = opt("none", QUANT_HELP)
+    dtype: str = opt("auto", DTYPE_HELP)
     full: bool = opt(False, "Full fine-tuning instead of LoRA.")
     lora_r: int = opt(16, "LoRA rank.")
     lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / rank).")
@@ -101,7 +106,7 @@ class TrainConfig:
     save_every: int = opt(100, "Resumable checkpoint every N steps (0 = none).")
     keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.")
     log_every: int = opt(1, "Write metrics.jsonl every N steps.")
-    seed: int = opt(0, "Random seed (runs are deterministic on CPU).")
+    seed: int = opt(0, SEED_HELP)
 
     def __post_init__(self):
         check_choice("schedule", self.schedule, SCHEDULES)
@@ -109,7 +114,6 @@ class TrainConfig:
         check_eval_frac(self.eval_frac)
 
 
-SEED_HELP = "Random seed (runs are deterministic on CPU)."
 OUT_HELP = "Output run dir."
 RUN_HELP = {  # the run options every training stage has
     "skip_invalid": "Skip and count invalid rows instead of stopping.",
@@ -143,8 +147,8 @@ class RunOptions:
 class Weights:
     """How the commands that only read a model load its base."""
 
-    quant: str = opt("none", ModelConfig.__dataclass_fields__["quant"].metadata["help"])
-    dtype: str = opt("auto", ModelConfig.__dataclass_fields__["dtype"].metadata["help"])
+    quant: str = opt("none", QUANT_HELP)
+    dtype: str = opt("auto", DTYPE_HELP)
 
     def __post_init__(self):
         check_choice("quant", self.quant, QUANTS)
@@ -310,7 +314,7 @@ class LabelConfig:
                      "scoring (prompt, response).")
     noise: float = opt(0.0, "With --judge: swap adjacent ranks with this probability, as simulated labelers do.")
     seed: int = opt(0, SEED_HELP)
-    quant: str = opt("none", ModelConfig.__dataclass_fields__["quant"].metadata["help"])
+    quant: str = opt("none", QUANT_HELP)
 
     def __post_init__(self):
         check_choice("quant", self.quant, QUANTS)
