@@ -150,9 +150,16 @@ def barrier() -> None:
         _dist().barrier()
 
 
-def close() -> None:
-    """Leave the process group at a clean exit (NCCL warns otherwise)."""
-    if world > 1:
+def close(clean: bool = True) -> None:
+    """Leave the process group (NCCL warns otherwise); a second call does nothing.
+
+    After a clean run every process first waits for the others: one that tore down and exited early could cut
+    a peer off in its last collective, and gloo then aborts that peer ("terminate called without an active
+    exception"). After an error the process leaves at once (the others may never come), but still before the
+    interpreter exits: gloo's worker threads outliving it abort the process too."""
+    if world > 1 and _dist().is_initialized():
+        if clean:
+            barrier()
         _dist().destroy_process_group()
 
 

@@ -231,3 +231,30 @@ def test_stdin_is_refused_under_a_launcher(monkeypatch):
     monkeypatch.setattr(parallel, "world", 2)
     with pytest.raises(InstructError, match="stdin cannot be shared"):
         data.load("-", "demonstrations")
+
+
+def test_close_waits_for_the_others_after_a_clean_run_only(monkeypatch):
+    """A process that tears down while a peer is still in its last collective makes gloo abort that peer (seen
+    once in CI as SIGABRT 'terminate called without an active exception'): a clean exit meets the others in a
+    barrier first; an error exit leaves at once; a second close does nothing."""
+    from instructcli import parallel
+
+    calls, alive = [], [True]
+
+    class Dist:
+        is_initialized = staticmethod(lambda: alive[0])
+        barrier = staticmethod(lambda: calls.append("barrier"))
+
+        @staticmethod
+        def destroy_process_group():
+            calls.append("destroy")
+            alive[0] = False
+
+    monkeypatch.setattr(parallel, "world", 2)
+    monkeypatch.setattr(parallel, "_dist", lambda: Dist)
+    parallel.close()
+    parallel.close(clean=False)
+    assert calls == ["barrier", "destroy"]
+    alive[0], calls[:] = True, []
+    parallel.close(clean=False)
+    assert calls == ["destroy"]
