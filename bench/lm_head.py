@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from instructcli import batches, data, forward, models, rlhf, sources
+from instructcli import batches, data, forward, models, rlhf, sources, tokens
 from instructcli.config import ModelConfig
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     model = models.trainable_model(src, ModelConfig(lora_dropout=0.0), "cpu")
     model.config.use_cache = False
     rows = data.load("data_samples/demonstrations.jsonl", "demonstrations").records[:a.batch]
-    batch = batches.collate([data.encode_demonstration(tok, r.messages) for r in rows], tok.pad_token_id)
+    batch = batches.collate([tokens.encode_demonstration(tok, r.messages) for r in rows], tok.pad_token_id)
     ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
 
     def sft_full():

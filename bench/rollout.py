@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from instructcli import batches, data, decode_cpu, generate, models, sources
+from instructcli import batches, data, decode_cpu, generate, models, sources, tokens
 from instructcli.config import ModelConfig
 
 
@@ -83,7 +83,7 @@ def main() -> None:
     if a.decode_step:
         return decode_steps(model, a.batch, a.prompt_len)
     rows = data.load("data_samples/prompts.jsonl", "prompts", False, print)
-    queries, _ = data.encode_prompts(tok, rows, 256)
+    queries, _ = tokens.encode_prompts(tok, rows, 256)
     prompts = queries[:a.batch]
     results = {"plain generate": [], "instruct": []}
     for rep in range(a.reps + 1):  # the first round warms up both

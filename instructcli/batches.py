@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from instructcli.data import IGNORE_INDEX
+from instructcli.tokens import IGNORE_INDEX
 
 
 def pad(seqs: list[list[int]], value: int, side: str = "right") -> list[list[int]]:

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from instructcli import console, data, generate, models, sources
+from instructcli import console, generate, models, sources, tokens
 from instructcli.config import ChatConfig, check_sampling
 from instructcli.errors import InstructError
 
@@ -77,13 +77,13 @@ class Chat:
 
     def turn(self, text: str) -> str:
         self.turns.append({"role": "user", "content": text})
-        ids = data.encode_prompt(self.tok, self.messages())[-self.cfg.max_prompt_len:]
+        ids = tokens.encode_prompt(self.tok, self.messages())[-self.cfg.max_prompt_len:]
         shown = [0]
 
-        def stream(_row, tokens):
+        def stream(_row, so_far_ids):
             # decode all so far and print what is new; a token that is part of a character decodes as U+FFFD
             # until the rest comes, so trailing ones wait
-            so_far = self.tok.decode(tokens, skip_special_tokens=True).rstrip("\ufffd")
+            so_far = self.tok.decode(so_far_ids, skip_special_tokens=True).rstrip("\ufffd")
             if len(so_far) > shown[0]:
                 self.out.write(so_far[shown[0]:])
                 self.out.flush()

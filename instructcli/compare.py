@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from instructcli import console, data, files, generate, judge, label, loop, models, sources, stats
+from instructcli import console, data, files, generate, judge, label, loop, models, sources, stats, tokens
 from instructcli.config import CompareConfig, ModelConfig
 from instructcli.errors import InstructError
 
@@ -21,7 +21,7 @@ def _generate_answers(spec: str, prompts: data.Loaded, cfg: CompareConfig) -> tu
     model = models.inference_model(source, ModelConfig(model=spec, quant=cfg.quant, dtype=cfg.dtype), device)
     _, outs = generate.answer_prompts(model, tok, prompts, 1, cfg, cfg.seed, device, f"compare: {spec}")
     out = {p.id: tok.decode(o[0], skip_special_tokens=True).strip() for p, o in zip(prompts.records, outs)}
-    ended = {p.id: data.ended(tok, o[0]) for p, o in zip(prompts.records, outs)}
+    ended = {p.id: tokens.ended(tok, o[0]) for p, o in zip(prompts.records, outs)}
     model = None
     loop.free_memory()
     return out, ended

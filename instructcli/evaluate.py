@@ -13,7 +13,7 @@ import math
 import time
 from pathlib import Path
 
-from instructcli import console, data, files, forward, generate, loop, models, sources, stats
+from instructcli import console, data, files, forward, generate, loop, models, sources, stats, tokens
 from instructcli.config import EvalConfig, ModelConfig, to_dict
 from instructcli.errors import InstructError
 
@@ -30,10 +30,10 @@ def choice_logprobs(model, tok, questions: list[data.MultipleChoice], device: st
     """Summed log-likelihood of each choice as the answer to its question (the question as the user turn)."""
     queries, conts = [], []
     for q in questions:
-        prompt = data.encode_prompt(tok, [{"role": "user", "content": q.question}])
+        prompt = tokens.encode_prompt(tok, [{"role": "user", "content": q.question}])
         for c in q.choices:
             queries.append(prompt)
-            conts.append(data.encode_continuation(tok, c))
+            conts.append(tokens.encode_continuation(tok, c))
     lps = [float(x.sum()) for x in forward.response_logprobs(model, queries, conts, tok.pad_token_id, device,
                                                             batch_size)]
     out, i = [], 0
@@ -45,7 +45,7 @@ def choice_logprobs(model, tok, questions: list[data.MultipleChoice], device: st
 
 def text_nll(model, tok, texts: list[str], max_len: int, device: str, batch_size: int = 8) -> list[tuple[float, int]]:
     """(summed next-token NLL, tokens predicted) per text: every token after the first is predicted."""
-    ids = [data.encode_text(tok, t)[:max_len] for t in texts]
+    ids = [tokens.encode_text(tok, t)[:max_len] for t in texts]
     lps = forward.response_logprobs(model, [x[:1] for x in ids], [x[1:] for x in ids], tok.pad_token_id, device,
                                    batch_size)
     return [(-float(lp.sum()), lp.numel()) for lp in lps]
@@ -154,7 +154,7 @@ def run(cfg: EvalConfig) -> dict:
             row = {"id": p.id, "prompt": p.prompt, "responses": [tok.decode(s, skip_special_tokens=True).strip()
                                                                  for s in o],
                    "model": mc.model, "lengths": [len(s) for s in o],
-                   "ended": [data.ended(tok, s) for s in o]}
+                   "ended": [tokens.ended(tok, s) for s in o]}
             if kls is not None:
                 row["kl"] = kls[k]
             if len(p.messages) > 1:
@@ -178,17 +178,17 @@ def run(cfg: EvalConfig) -> dict:
         t0 = time.time()
         texts = [r.text for r in lm.records]
         nll = text_nll(model, tok, texts, cfg.max_len, device, cfg.batch_size)
-        tokens = sum(n for _, n in nll)
-        if not tokens:
+        n_tokens = sum(n for _, n in nll)
+        if not n_tokens:
             raise InstructError(f"{lm.path}: no row has 2 or more tokens within --max-len {cfg.max_len}", 2)
-        loss = sum(s for s, _ in nll) / tokens
-        part = {"texts": len(texts), "tokens": tokens, "loss": loss, "perplexity": math.exp(loss)}
+        loss = sum(s for s, _ in nll) / n_tokens
+        part = {"texts": len(texts), "tokens": n_tokens, "loss": loss, "perplexity": math.exp(loss)}
         rows["lm"] = [{"index": i, "nll": s, "tokens": n, "loss": s / max(n, 1)} for i, (s, n) in enumerate(nll)]
         if ref_logprobs:
-            ids = [data.encode_text(tok, t)[:cfg.max_len] for t in texts]
+            ids = [tokens.encode_text(tok, t)[:cfg.max_len] for t in texts]
             ref_nll = [-float(x.sum()) for x in ref_logprobs([x[:1] for x in ids], [x[1:] for x in ids])]
             part["reference"] = ref_name
-            part["reference_loss"] = sum(ref_nll) / tokens
+            part["reference_loss"] = sum(ref_nll) / n_tokens
             part["alignment_tax"] = loss - part["reference_loss"]
             for r, s in zip(rows["lm"], ref_nll):
                 r["reference_nll"] = s

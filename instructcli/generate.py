@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from instructcli import batches, console, data, rlhf
+from instructcli import batches, console, data, rlhf, tokens
 from instructcli.decode_cpu import decode_linears
 
 
@@ -31,7 +31,7 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
     ids = batch["input_ids"].to(device)
     rows = torch.arange(len(prompt_ids), device=device).repeat_interleave(n)  # batch row -> prompt
     kv = _cache_name(model)
-    stop = torch.tensor(data.stop_token_ids(tok), device=device)
+    stop = torch.tensor(tokens.stop_token_ids(tok), device=device)
     with torch.no_grad(), decode_linears(model):
         step = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache = step[kv]
@@ -53,24 +53,24 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
         live = torch.ones(len(out), dtype=torch.bool, device=device)
         steps = []  # with logprobs: (rows, log p(token), entropy) per step
         for t in range(max_new_tokens):
-            tokens = rlhf.sample_next(logits, temperature, top_p)
+            picked = rlhf.sample_next(logits, temperature, top_p)
             if logprobs:
                 lp = torch.log_softmax(logits.float() / temperature, -1)
-                steps.append((rows, lp.gather(1, tokens[:, None]).squeeze(1), -(lp.exp() * lp).sum(-1)))
-            for r, x, alive in zip(rows.tolist(), tokens.tolist(), live.tolist()):
+                steps.append((rows, lp.gather(1, picked[:, None]).squeeze(1), -(lp.exp() * lp).sum(-1)))
+            for r, x, alive in zip(rows.tolist(), picked.tolist(), live.tolist()):
                 if alive:
                     out[r].append(x)
-                    if on_token is not None:  # streaming (instruct chat): output row, its tokens so far
+                    if on_token is not None:  # streaming (instruct chat): output row, its picked so far
                         on_token(r, out[r])
-            live = live & ~torch.isin(tokens, stop)
+            live = live & ~torch.isin(picked, stop)
             if t == max_new_tokens - 1 or not live.any():
                 break
             if shrink and not live.all():
                 keep = live.nonzero().squeeze(1)
                 _select_rows(cache, keep)
-                rows, tokens, attn, next_pos, live = rows[keep], tokens[keep], attn[keep], next_pos[keep], live[keep]
+                rows, picked, attn, next_pos, live = rows[keep], picked[keep], attn[keep], next_pos[keep], live[keep]
             attn = torch.cat([attn, attn.new_ones(len(attn), 1)], 1)
-            step = model(input_ids=tokens[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
+            step = model(input_ids=picked[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
                          **{kv: cache})
             logits, next_pos = step.logits[:, -1], next_pos + 1
     grouped = [out[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
@@ -153,7 +153,7 @@ def sample_batches(model, tok, queries: list[list[int]], n: int, temperature: fl
 def answer_prompts(model, tok, prompts: data.Loaded, n: int, cfg, seed: int, device: str, label: str):
     """Every prompt answered n times (the sampling flags of eval's or compare's `cfg`), with a progress bar;
     returns (prompt ids, generate()'s output per prompt)."""
-    queries, cut = data.encode_prompts(tok, prompts, cfg.max_prompt_len)
+    queries, cut = tokens.encode_prompts(tok, prompts, cfg.max_prompt_len)
     if cut:
         console.warn(f"{cut} prompts of {prompts.path} longer than --max-prompt-len kept their end")
     outs = []

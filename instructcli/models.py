@@ -219,7 +219,7 @@ SCORE_HEAD = "score_head.safetensors"
 
 class RewardModel(torch.nn.Module):
     """A causal LM (with its LoRA adapter) read by a scalar head at the last token of each sequence (the
-    response's end-of-turn token; see data.encode_responses): on its hidden state, and with pool "mean" also on
+    response's end-of-turn token; see tokens.encode_responses): on its hidden state, and with pool "mean" also on
     the mean hidden state over the response's tokens (content spread over an answer reaches the head
     directly, not only through attention into one position).
 
@@ -294,11 +294,11 @@ def reward_scores(model: RewardModel, tok, messages: list[dict], responses: list
                   batch_size: int = 16, ended: list[bool] | None = None) -> list[float]:
     """Normalised RM scores of each response to one prompt (longer conversations keep their beginning);
     `ended` says which responses ended on their own (None: all)."""
-    from instructcli import data
+    from instructcli import tokens
 
-    enc = data.encode_responses(tok, messages, responses, max_len, "truncate", data.OverflowStats(), "", ended)
+    enc = tokens.encode_responses(tok, messages, responses, max_len, "truncate", tokens.OverflowStats(), "", ended)
     device = next(model.head.parameters()).device
-    start = len(data.encode_prompt(tok, messages))
+    start = len(tokens.encode_prompt(tok, messages))
     scores: list[float] = []
     with torch.no_grad():
         for b in range(0, len(enc), batch_size):

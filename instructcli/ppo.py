@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from instructcli import batches, checkpoint, console, data, forward, generate, judge, loop, models, parallel, rlhf, sources
+from instructcli import batches, checkpoint, console, data, forward, generate, judge, loop, models, parallel, rlhf, sources, tokens
 from instructcli.config import PPOConfig, to_dict
 from instructcli.models import POLICY, REWARD, VALUE
 
@@ -80,7 +80,7 @@ def over_rollout(ro: Rollout, chunk: int, f) -> list[torch.Tensor]:
 
 def rm_scores(nets: models.PPOModels, ro: Rollout, pad_id: int, chunk: int) -> torch.Tensor:
     """The RM's normalised scores of the tokens as sampled: an answer cut off at --max-new-tokens has no
-    end-of-turn token, and the RM (trained with data.encode_responses, which reads the score at that token)
+    end-of-turn token, and the RM (trained with tokens.encode_responses, which reads the score at that token)
     sees it."""
     device = ro.tokens.device
     seqs = [q + r for q, r in zip(ro.queries, ro.responses)]
@@ -105,11 +105,11 @@ def train(cfg: PPOConfig) -> Path:
     policy_source = sources.resolve(cfg.policy, console.log)
     sources.refuse_reward_model(policy_source, "--policy")
     tok = models.load_tokenizer(policy_source, mc.trust_remote_code)
-    queries, _ = data.encode_prompts(tok, prompts, cfg.max_prompt_len)
+    queries, _ = tokens.encode_prompts(tok, prompts, cfg.max_prompt_len)
     ptx_set = []
     for i, r in enumerate(ptx.records if ptx else []):
-        ids = data.encode_text(tok, r.text)
-        fitted = data.fit_length(ids, ids, cfg.max_len, "truncate", data.OverflowStats(), f"{cfg.ptx_data}: {i + 1}")
+        ids = tokens.encode_text(tok, r.text)
+        fitted = tokens.fit_length(ids, ids, cfg.max_len, "truncate", tokens.OverflowStats(), f"{cfg.ptx_data}: {i + 1}")
         if fitted:
             ptx_set.append(fitted)
     checkpoint.seed_everything(cfg.seed)
@@ -164,7 +164,7 @@ def train(cfg: PPOConfig) -> Path:
             out, lp, ent = out if rollout_logprobs else (out, None, None)
             ro = new_rollout(batch_q, [r[0] for r in out], pad_id, device)
             mask = ro.mask
-            ended = torch.tensor([data.ended(tok, r) for r in ro.responses], device=device)
+            ended = torch.tensor([tokens.ended(tok, r) for r in ro.responses], device=device)
             rollout_s = time.time() - t0
 
             # 2. score; log-probs under policy (unless the sampling loop gave them) and reference; values

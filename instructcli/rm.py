@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from instructcli import batches, checkpoint, console, data, files, loop, models, parallel, rlhf, sources
+from instructcli import batches, checkpoint, console, data, files, loop, models, parallel, rlhf, sources, tokens
 from instructcli.config import ModelConfig, RMConfig, to_dict
 from instructcli.errors import InstructError
 
@@ -41,20 +41,20 @@ def train(cfg: RMConfig) -> Path:
     norm_rows = data.load(cfg.norm_data, "demonstrations", cfg.skip_invalid, console.warn) if cfg.norm_data else None
     source = sources.resolve(mc.model, console.log)
     tok = models.load_tokenizer(source, mc.trust_remote_code)
-    stats, examples = data.OverflowStats(), []
+    stats, examples = tokens.OverflowStats(), []
     for i, rec in enumerate(rows.records):
-        enc = data.encode_responses(tok, rec.messages, rec.responses, cfg.max_len, cfg.overflow, stats,
+        enc = tokens.encode_responses(tok, rec.messages, rec.responses, cfg.max_len, cfg.overflow, stats,
                                     f"{rows.path}: row {i + 1}", rec.ended)
         if enc is not None:  # (responses' ids, ranks, where the responses begin)
-            examples.append((enc, rec.ranks, len(data.encode_prompt(tok, rec.messages))))
+            examples.append((enc, rec.ranks, len(tokens.encode_prompt(tok, rec.messages))))
     if not examples:
         raise InstructError(f"{rows.path}: every comparison was dropped by --max-len {cfg.max_len}", 2)
     train_idx, eval_idx = data.split(len(examples), t.eval_frac, t.seed)
     train_set, eval_set = [examples[i] for i in train_idx], [examples[i] for i in eval_idx]
     if norm_rows:  # (ids, where the response begins)
-        reference = [(data.encode_responses(tok, r.messages[:-1], [r.messages[-1]["content"]], cfg.max_len,
-                                            "truncate", data.OverflowStats(), "")[0],
-                      len(data.encode_prompt(tok, r.messages[:-1]))) for r in norm_rows.records]
+        reference = [(tokens.encode_responses(tok, r.messages[:-1], [r.messages[-1]["content"]], cfg.max_len,
+                                            "truncate", tokens.OverflowStats(), "")[0],
+                      len(tokens.encode_prompt(tok, r.messages[:-1]))) for r in norm_rows.records]
     else:  # the best-ranked response of every training comparison
         reference = [(enc[ranks.index(min(ranks))], start) for enc, ranks, start in train_set]
     n_pairs = sum(sum(a < b for a in r for b in r) for _, r, _ in train_set)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from instructcli import console, data, files, generate, models, sources
+from instructcli import console, data, files, generate, models, sources, tokens
 from instructcli.config import SampleConfig
 
 
@@ -13,7 +13,7 @@ def run(cfg: SampleConfig) -> int:
     source = sources.resolve(mc.model, console.log)
     tok = models.load_tokenizer(source, mc.trust_remote_code)
     rows = prompts.records
-    encoded, cut = data.encode_prompts(tok, prompts, cfg.max_prompt_len)
+    encoded, cut = tokens.encode_prompts(tok, prompts, cfg.max_prompt_len)
     if cut:
         console.warn(f"{cut} prompts longer than --max-prompt-len {cfg.max_prompt_len} kept their end")
     device = models.pick_device()
@@ -25,7 +25,7 @@ def run(cfg: SampleConfig) -> int:
             for p, seqs in zip(rows[b:b + cfg.batch_size], outs):
                 row = {"id": p.id, "prompt": p.prompt,
                        "responses": [tok.decode(s, skip_special_tokens=True).strip() for s in seqs],
-                       "ended": [data.ended(tok, s) for s in seqs],  # False: cut off at --max-new-tokens
+                       "ended": [tokens.ended(tok, s) for s in seqs],  # False: cut off at --max-new-tokens
                        "model": mc.model}
                 if len(p.messages) > 1:
                     row["messages"] = p.messages

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from instructcli import batches, checkpoint, console, data, forward, loop, models, parallel, sources
+from instructcli import batches, checkpoint, console, data, forward, loop, models, parallel, sources, tokens
 from instructcli.config import SFTConfig, to_dict
 from instructcli.errors import InstructError
 
@@ -22,10 +22,10 @@ def train(cfg: SFTConfig) -> Path:
     rows = data.load(cfg.data, "demonstrations", cfg.skip_invalid, console.warn)
     source = sources.resolve(mc.model, console.log)
     tok = models.load_tokenizer(source, mc.trust_remote_code)
-    stats, examples = data.OverflowStats(), []
+    stats, examples = tokens.OverflowStats(), []
     for i, rec in enumerate(rows.records):
-        ids, labels = data.encode_demonstration(tok, rec.messages)
-        fitted = data.fit_length(ids, labels, cfg.max_len, cfg.overflow, stats, f"{rows.path}: row {i + 1}")
+        ids, labels = tokens.encode_demonstration(tok, rec.messages)
+        fitted = tokens.fit_length(ids, labels, cfg.max_len, cfg.overflow, stats, f"{rows.path}: row {i + 1}")
         if fitted:
             examples.append(fitted)
     console.log(f"data: {rows.rows} rows ({rows.skipped} invalid skipped); {stats.summary()}")
@@ -76,7 +76,7 @@ def train(cfg: SFTConfig) -> Path:
     with loop.Interrupt() as interrupt, console.Bar(total, "sft", completed=start) as bar:
         for step in range(start, total):
             examples = [train_set[order[step * per_step + i]] for i in range(per_step)]
-            n_tokens = sum(sum(x != data.IGNORE_INDEX for x in ex[1][1:]) for ex in examples)
+            n_tokens = sum(sum(x != tokens.IGNORE_INDEX for x in ex[1][1:]) for ex in examples)
 
             def micro_step(mb, _share):  # the loss is per token of the whole step, however it is split
                 batch = {k: v.to(device) for k, v in batches.collate(mb, tok.pad_token_id).items()}

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import SAMPLES, write_jsonl
-from instructcli import data
+from instructcli import data, tokens
 from instructcli.errors import DataError, InstructError
 
 U = {"role": "user", "content": "hi"}
@@ -150,12 +150,12 @@ def tok(tiny_dir):
 
 def test_response_only_mask_token_by_token(tok):
     msgs = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "The sum is 5."}]
-    ids, labels = data.encode_demonstration(tok, msgs)
+    ids, labels = tokens.encode_demonstration(tok, msgs)
     text = tok.apply_chat_template(msgs, tokenize=False)
     assert tok.decode(ids) == text
     prompt_len = len(tok(tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True),
                          add_special_tokens=False)["input_ids"])
-    assert labels[:prompt_len] == [data.IGNORE_INDEX] * prompt_len
+    assert labels[:prompt_len] == [tokens.IGNORE_INDEX] * prompt_len
     assert labels[prompt_len:] == ids[prompt_len:]
     assert tok.decode(ids[prompt_len:]) == "The sum is 5.<|im_end|>\n"
 
@@ -163,22 +163,22 @@ def test_response_only_mask_token_by_token(tok):
 def test_mask_covers_every_assistant_turn_and_nothing_else(tok):
     msgs = [S, {"role": "user", "content": "one"}, {"role": "assistant", "content": "uno"},
             {"role": "user", "content": "two"}, {"role": "assistant", "content": "dos"}]
-    ids, labels = data.encode_demonstration(tok, msgs)
-    trained = tok.decode([i for i, l in zip(ids, labels) if l != data.IGNORE_INDEX])
+    ids, labels = tokens.encode_demonstration(tok, msgs)
+    trained = tok.decode([i for i, l in zip(ids, labels) if l != tokens.IGNORE_INDEX])
     assert trained == "uno<|im_end|>\ndos<|im_end|>\n"
-    assert all(l in (data.IGNORE_INDEX, i) for i, l in zip(ids, labels))
+    assert all(l in (tokens.IGNORE_INDEX, i) for i, l in zip(ids, labels))
 
 
 def test_overflow_truncate_drop_error():
     ids, labels = list(range(10)), [-100] * 4 + list(range(4, 10))
-    st = data.OverflowStats()
-    assert data.fit_length(ids, labels, 6, "truncate", st, "w") == (ids[:6], labels[:6])
-    assert data.fit_length(ids, labels, 6, "drop", st, "w") is None
-    assert data.fit_length(ids, labels, 3, "truncate", st, "w") is None  # prompt alone fills max-len
-    assert data.fit_length(ids, None, 4, "truncate", st, "w", keep="end") == (ids[-4:], None)
+    st = tokens.OverflowStats()
+    assert tokens.fit_length(ids, labels, 6, "truncate", st, "w") == (ids[:6], labels[:6])
+    assert tokens.fit_length(ids, labels, 6, "drop", st, "w") is None
+    assert tokens.fit_length(ids, labels, 3, "truncate", st, "w") is None  # prompt alone fills max-len
+    assert tokens.fit_length(ids, None, 4, "truncate", st, "w", keep="end") == (ids[-4:], None)
     assert (st.total, st.truncated, st.dropped) == (4, 2, 2)
     with pytest.raises(InstructError, match="longer than --max-len 6"):
-        data.fit_length(ids, labels, 6, "error", st, "f.jsonl: row 3")
+        tokens.fit_length(ids, labels, 6, "error", st, "f.jsonl: row 3")
 
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from instructcli import data, evaluate, models, sources
+from instructcli import data, evaluate, models, sources, tokens
 from instructcli.config import ModelConfig
 
 
@@ -25,7 +25,7 @@ def test_text_nll_matches_the_model_loss(tiny):
     texts = ["the river runs under the stone bridge", "a bird", "lamps and clouds and roads and trees"]
     got = evaluate.text_nll(model, tok, texts, 1024, "cpu", batch_size=2)  # padded batches
     for t, (nll, n) in zip(texts, got):
-        ids = torch.tensor([data.encode_text(tok, t)])
+        ids = torch.tensor([tokens.encode_text(tok, t)])
         with torch.no_grad():
             loss = model(input_ids=ids, labels=ids).loss.item()
         assert n == ids.shape[1] - 1
@@ -36,9 +36,9 @@ def test_choice_logprobs_match_a_direct_computation(tiny):
     model, tok = tiny
     q = data.MultipleChoice("1", "Which is it?", ["the sun", "a river of stone", "tree"], 0)
     got = evaluate.choice_logprobs(model, tok, [q], "cpu")[0]
-    prompt = data.encode_prompt(tok, [{"role": "user", "content": q.question}])
+    prompt = tokens.encode_prompt(tok, [{"role": "user", "content": q.question}])
     for c, lp in zip(q.choices, got):
-        cont = data.encode_continuation(tok, c)
+        cont = tokens.encode_continuation(tok, c)
         ids = torch.tensor([prompt + cont])
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
@@ -67,7 +67,7 @@ def test_truthfulness_picks_the_likeliest_choice(cli, tiny_dir, tmp_path):
     assert s["accuracy"] == 0.5 and s["questions"] == 2 and s["chance"] == pytest.approx(1 / 3)
     rows = [json.loads(x) for x in (tmp_path / "ev" / "truthfulness.jsonl").read_text().splitlines()]
     assert [x["pick"] for x in rows] == [0, 0] and [x["right"] for x in rows] == [True, False]
-    v = len(data.encode_continuation(models.load_tokenizer(sources.resolve(str(uniform))), "sun"))
+    v = len(tokens.encode_continuation(models.load_tokenizer(sources.resolve(str(uniform))), "sun"))
     assert rows[0]["loglik"][0] == pytest.approx(-v * math.log(m.config.vocab_size), rel=1e-4)
 
 

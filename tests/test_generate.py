@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from instructcli import batches, data, decode_cpu, forward, generate, models, rlhf, sources
+from instructcli import batches, decode_cpu, forward, generate, models, rlhf, sources, tokens
 from instructcli.config import ModelConfig
 
 
@@ -267,9 +267,9 @@ def test_answers_stop_at_the_templates_end_of_turn_when_it_is_not_eos(lm, tiny_d
     other = AutoTokenizer.from_pretrained(tiny_dir)
     other.eos_token = "<|endoftext|>"  # EOS is no longer the template's <|im_end|>
     eot = other.convert_tokens_to_ids("<|im_end|>")
-    assert data.end_of_turn_id(other) == eot != other.eos_token_id
-    assert data.stop_token_ids(other) == sorted({eot, other.eos_token_id})
-    ids, labels = data.encode_demonstration(other, [{"role": "user", "content": "hi"},
+    assert tokens.end_of_turn_id(other) == eot != other.eos_token_id
+    assert tokens.stop_token_ids(other) == sorted({eot, other.eos_token_id})
+    ids, labels = tokens.encode_demonstration(other, [{"role": "user", "content": "hi"},
                                                     {"role": "assistant", "content": "hello"}])
     assert eot in [x for x in labels if x != rlhf.IGNORE_INDEX]
     stop = eos_choices(m, tok, prompts, 10)[0]  # a token some greedy answers emit: it plays the end-of-turn
@@ -277,4 +277,4 @@ def test_answers_stop_at_the_templates_end_of_turn_when_it_is_not_eos(lm, tiny_d
     want = reference(m, tok, prompts, stop, 10)
     assert generate.generate(m, fake, prompts, 1, 0.0, 1.0, 10, "cpu") == [[w] for w in want]
     assert any(len(w) < 10 for w in want)
-    assert data.ended(fake, want[0]) == (want[0][-1] == stop)
+    assert tokens.ended(fake, want[0]) == (want[0][-1] == stop)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import SAMPLES, write_jsonl
-from instructcli import batches, checkpoint, config as C, data, forward, models, ppo, rlhf, sft, sources
+from instructcli import batches, checkpoint, config as C, data, forward, models, ppo, rlhf, sft, sources, tokens
 
 LORA = "q_proj,v_proj,lm_head"  # the tiny random model needs its output layer adapted to move quickly
 
@@ -58,7 +58,7 @@ def lm_loss(run_dir, texts_path, tok_dir):
     source = sources.resolve(str(run_dir))
     model = models.inference_model(source, C.ModelConfig(), "cpu")
     tok = models.load_tokenizer(source)
-    rows = [data.encode_text(tok, r.text)[:128] for r in data.load(str(texts_path), "pretraining").records[:24]]
+    rows = [tokens.encode_text(tok, r.text)[:128] for r in data.load(str(texts_path), "pretraining").records[:24]]
     total, n = 0.0, 0
     with torch.no_grad():
         for ids in rows:
@@ -220,8 +220,8 @@ def test_ppo_scores_the_tokens_as_sampled_so_a_cut_off_answer_has_no_end_of_turn
     monkeypatch.setattr(models.RewardModel, "score", spy)
     ppo.train(cfg(setup, tmp_path / "ppo", reward=str(rm_dir), steps=1, max_new_tokens=3, model=C.ModelConfig()))
     tok = models.load_tokenizer(sources.resolve(str(sft_dir)))
-    eot = data.end_of_turn_id(tok)
-    queries, _ = data.encode_prompts(tok, data.load(str(prompts), "prompts"), 256)
+    eot = tokens.end_of_turn_id(tok)
+    queries, _ = tokens.encode_prompts(tok, data.load(str(prompts), "prompts"), 256)
     assert len(scored) == 8 and eot is not None
     for ids in scored:  # the prompt, then at most 3 sampled tokens; an eot only as the answer's own last token
         q = next(q for q in queries if ids[:len(q)] == q)
@@ -252,7 +252,7 @@ def test_mean_pooled_rm_and_its_value_head_agree_at_the_start(setup, tmp_path, l
         assert {n.split(".layers.")[1].split(".")[0] for n, _ in m.lm.named_parameters() if ".reward." in n} == {"0"}
     assert m.reward.head.in_features == m.value_head.in_features == 2 * m.lm.config.hidden_size
     tok = models.load_tokenizer(sources.resolve(str(sft_dir)))
-    q = data.encode_prompt(tok, [{"role": "user", "content": "Q1?"}])
+    q = tokens.encode_prompt(tok, [{"role": "user", "content": "Q1?"}])
     ids = torch.tensor([q + tok.encode("yes yes", add_special_tokens=False) + [tok.eos_token_id]])
     mask, starts = torch.ones_like(ids), torch.tensor([len(q)])
     with torch.no_grad():

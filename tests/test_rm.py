@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from instructcli import batches, data, models, rm
+from instructcli import batches, data, models, rm, tokens
 from instructcli.config import ModelConfig
 
 WORDS = ["sun", "tree", "river", "stone", "cloud", "bird", "road", "lamp"]
@@ -133,12 +133,12 @@ def test_a_cut_off_answer_is_read_without_the_end_of_turn_token(rm_dir, tiny_dir
     off at the token cap has none, so the RM can tell it from the same words ended."""
     out, _ = rm_dir
     model, tok, _ = models.load_reward_model(str(out), ModelConfig(), "cpu")
-    eot = data.end_of_turn_id(tok)
+    eot = tokens.end_of_turn_id(tok)
     msgs = [{"role": "user", "content": "Question 1: sun?"}]
-    ended, cut = data.encode_responses(tok, msgs, ["yes yes sun", "yes yes sun"], 256, "truncate",
-                                       data.OverflowStats(), "", ended=[True, False])
+    ended, cut = tokens.encode_responses(tok, msgs, ["yes yes sun", "yes yes sun"], 256, "truncate",
+                                       tokens.OverflowStats(), "", ended=[True, False])
     assert eot == tok.convert_tokens_to_ids("<|im_end|>") and ended[-1] == eot and ended[:-1] == cut
-    full = data.encode_demonstration(tok, msgs + [{"role": "assistant", "content": "yes yes sun"}])[0]
+    full = tokens.encode_demonstration(tok, msgs + [{"role": "assistant", "content": "yes yes sun"}])[0]
     assert full[:len(ended)] == ended and len(full) > len(ended)  # the template's trailing newline is not read
     a, b = models.reward_scores(model, tok, msgs, ["yes yes sun"] * 2, ended=[True, False])
     assert a != pytest.approx(b, abs=1e-4)

@@ -123,7 +123,7 @@ def test_crash_during_save_leaves_no_output_dir(cli, tiny_dir, demos, tmp_path, 
 @pytest.mark.parametrize("quant", ["8bit", "4bit"])
 def test_quantized_lora_training_steps_on_cpu(wide_dir, quant):
     from instructcli.config import ModelConfig
-    from instructcli import data, rlhf
+    from instructcli import rlhf, tokens
     from transformers import AutoTokenizer
 
     source = sources.resolve(str(wide_dir))
@@ -134,7 +134,7 @@ def test_quantized_lora_training_steps_on_cpu(wide_dir, quant):
     dtypes = {p.dtype for p in quantized.values()}
     assert dtypes == ({torch.int8} if quant == "8bit" else {torch.uint8})  # every base layer really quantized
     tok = AutoTokenizer.from_pretrained(wide_dir)
-    batch = batches.collate([data.encode_demonstration(tok, [{"role": "user", "content": "hi"},
+    batch = batches.collate([tokens.encode_demonstration(tok, [{"role": "user", "content": "hi"},
                                                           {"role": "assistant", "content": "hello there"}])], 0)
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all(p.dtype == torch.float32 and "lora_" in n for n, p in model.named_parameters()
@@ -163,7 +163,7 @@ def test_quantized_lora_training_steps_on_cpu(wide_dir, quant):
 def test_loss_at_labelled_positions_only_equals_the_full_logits_loss(tiny_dir, targets, quant):
     """forward.lm_loss_sum skips the LM head where nothing is predicted; value and gradients must not change."""
     from instructcli.config import ModelConfig
-    from instructcli import data, rlhf
+    from instructcli import rlhf, tokens
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
@@ -173,7 +173,7 @@ def test_loss_at_labelled_positions_only_equals_the_full_logits_loss(tiny_dir, t
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    batch = batches.collate([data.encode_demonstration(tok, [{"role": "user", "content": q},
+    batch = batches.collate([tokens.encode_demonstration(tok, [{"role": "user", "content": q},
                                                           {"role": "assistant", "content": a}])
                           for q, a in [("hi", "hello there"), ("a longer question here", "ok")]], 0)
     params = [p for p in model.parameters() if p.requires_grad]
