@@ -7,24 +7,34 @@ import json
 import random
 from pathlib import Path
 
-from instructcli import console, data, files, generate, judge, label, loop, models, sources, stats, tokens
+from instructcli import (bias, console, data, files, generate, hallucination, judge, label, loop, models,
+                         sources, stats)
 from instructcli.config import CompareConfig, ModelConfig
 from instructcli.errors import InstructError
 
 
-def _generate_answers(spec: str, prompts: data.Loaded, cfg: CompareConfig) -> tuple[dict[str, str], dict[str, bool]]:
-    """id -> the model's one answer to each of --prompts (every model with the same seed), and id -> whether
-    it ended on its own (False: cut off at --max-new-tokens)."""
+def _measure(spec: str, prompts: data.Loaded | None, closed: data.Loaded | None, bias_set: data.Loaded | None,
+             cfg: CompareConfig) -> dict:
+    """What one model gives, loaded once: its answer to each of --prompts (every model with the same seed) with
+    whether it ended on its own, its closed-domain answers with their support check, its bias readings."""
     source = sources.resolve(spec, console.log)
     tok = models.load_tokenizer(source)
     device = models.pick_device()
     model = models.inference_model(source, ModelConfig(model=spec, quant=cfg.quant, dtype=cfg.dtype), device)
-    _, outs = generate.answer_prompts(model, tok, prompts, 1, cfg, cfg.seed, device, f"compare: {spec}")
-    out = {p.id: tok.decode(o[0], skip_special_tokens=True).strip() for p, o in zip(prompts.records, outs)}
-    ended = {p.id: tokens.ended(tok, o[0]) for p, o in zip(prompts.records, outs)}
+    got = {}
+    if prompts is not None:
+        texts, ended = generate.answer_texts(model, tok, prompts, cfg, device, f"compare: {spec}")
+        got["answers"] = {p.id: t for p, t in zip(prompts.records, texts)}
+        got["ended"] = {p.id: e for p, e in zip(prompts.records, ended)}
+    if closed is not None:
+        texts, ended = generate.answer_texts(model, tok, hallucination.as_prompts(closed), cfg, device,
+                                             f"compare: {spec} (hallucination)")
+        got["hallucination"] = hallucination.rows(closed.records, texts, ended)
+    if bias_set is not None:
+        got["bias"] = bias.measure(model, tok, bias_set.records, device, cfg.batch_size, cfg.bootstrap, cfg.seed)
     model = None
     loop.free_memory()
-    return out, ended
+    return got
 
 
 def compare(cfg: CompareConfig) -> dict:
@@ -43,23 +53,54 @@ def _compare(cfg: CompareConfig) -> dict:
         raise InstructError("compare: an item is given twice; each model or samples file once", 2)
     files.check_output_file(cfg.out)
     # everything that can be refused is checked before any model spends time answering
-    if cfg.judge.startswith("rm:"):
-        sources.require_rm(sources.resolve(cfg.judge[3:], console.log), "--judge")
-    elif ".py:" in cfg.judge:
-        judge.load_rule(cfg.judge)
-    elif cfg.judge != "human":
-        raise InstructError(f"--judge {cfg.judge}: expected rm:DIR, path/rule.py:function or human", 2)
-    prompts = data.load(cfg.prompts, "prompts", cfg.skip_invalid, console.warn) if cfg.prompts else None
+    for flag, spec in (("--judge", cfg.judge), ("--hallucination-judge", cfg.hallucination_judge)):
+        if not spec or (flag == "--hallucination-judge" and not cfg.hallucination):
+            continue
+        if spec.startswith("rm:"):
+            sources.require_rm(sources.resolve(spec[3:], console.log), flag)
+        elif ".py:" in spec:
+            judge.load_rule(spec)
+        elif spec != ("human" if flag == "--judge" else "support"):
+            raise InstructError(f"{flag} {spec}: expected rm:DIR, path/rule.py:function or human", 2)
+    if cfg.prompts and not cfg.judge:
+        raise InstructError("--prompts are answered for a win rate: give --judge too", 2)
+    load = lambda path, kind: data.load(path, kind, cfg.skip_invalid, console.warn) if path else None  # noqa: E731
+    load_all = lambda paths: data.load_all(paths, "bias", cfg.skip_invalid, console.warn) if paths else None  # noqa
+    prompts, closed, bias_set = load(cfg.prompts, "prompts"), load(cfg.hallucination, "closed"), load_all(cfg.bias)
     samples: dict[str, data.Loaded] = {}
     for spec in cfg.items:
         if Path(spec).is_file() or spec == "-":
+            if closed or bias_set:
+                raise InstructError(f"{spec}: a samples file has no model to answer --hallucination or score --bias; "
+                                    "give model or run dirs", 2)
             samples[spec] = data.load(spec, "samples", cfg.skip_invalid, console.warn)
             continue
         if "/" in spec and not Path(spec).exists() and Path(spec).parent.is_dir():  # a typo, not a hub id
             raise InstructError(f"{spec}: no such model dir or samples file", 2)
         sources.refuse_reward_model(sources.resolve(spec, console.log))
-        if prompts is None:
+        if cfg.judge and prompts is None:
             raise InstructError(f"{spec}: a model needs --prompts to answer (or give a samples file)", 2)
+    measured = {spec: _measure(spec, prompts, closed, bias_set, cfg) for spec in cfg.items if spec not in samples}
+    out = {"baseline": cfg.items[0], "out": cfg.out}
+    rows: list[dict] = []
+    if cfg.judge:
+        win_rows, results = _win_rates(cfg, prompts, samples, measured)
+        rows += win_rows
+        out.update({"judge": cfg.judge, "prompts": len(win_rows), "results": results})
+    if closed is not None:
+        h_rows, out["hallucination"] = _hallucination_side_by_side(cfg, measured)
+        rows += h_rows
+    if bias_set is not None:
+        b_rows, out["bias"] = _bias_side_by_side(cfg, measured)
+        rows += b_rows
+    with files.JsonlWriter(cfg.out) as w:
+        for r in rows:
+            w.write(r)
+    return out
+
+
+def _win_rates(cfg: CompareConfig, prompts, samples: dict, measured: dict) -> tuple[list[dict], list[dict]]:
+    """Per-prompt rows and each model's win rate against the first, by --judge."""
     if prompts is not None:
         ids = [p.id for p in prompts.records]
         text = {p.id: (p.prompt, p.messages) for p in prompts.records}
@@ -68,6 +109,7 @@ def _compare(cfg: CompareConfig) -> dict:
         ids = list(dict.fromkeys(s.id for s in first))
         text = {s.id: (s.prompt, s.messages or [{"role": "user", "content": s.prompt}]) for s in reversed(first)}
     ended: dict[str, dict[str, bool]] = {}  # spec -> id -> the answer ended on its own (the RM judge reads it)
+    by_spec: dict[str, dict[str, str]] = {}
     for spec, loaded in samples.items():
         ans = {s.id: s.responses[0] for s in reversed(loaded.records)}  # reversed: the first row of an id wins
         ended[spec] = {s.id: bool((s.extra.get("ended") or [True])[0]) for s in reversed(loaded.records)}
@@ -75,11 +117,10 @@ def _compare(cfg: CompareConfig) -> dict:
         if missing:
             raise InstructError(f"{spec}: no answer for prompt id {missing[0]}"
                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), 2)
-        samples[spec] = ans
-    for spec in cfg.items:
-        if spec not in samples:
-            samples[spec], ended[spec] = _generate_answers(spec, prompts, cfg)
-    answers = [samples[spec] for spec in cfg.items]
+        by_spec[spec] = ans
+    for spec, got in measured.items():
+        by_spec[spec], ended[spec] = got["answers"], got["ended"]
+    answers = [by_spec[spec] for spec in cfg.items]
 
     base, others = cfg.items[0], list(enumerate(cfg.items))[1:]
     per_prompt = {i: {"id": i, "prompt": text[i][0], "responses": {s: a[i] for s, a in zip(cfg.items, answers)}}
@@ -103,10 +144,6 @@ def _compare(cfg: CompareConfig) -> dict:
                     outcomes[spec].append(stats.outcome(scores[0], scores[j]))
                     diffs[spec].append(scores[j] - scores[0])
                 bar.update(1)
-    with files.JsonlWriter(cfg.out) as w:
-        for i in ids:
-            w.write(per_prompt[i])
-
     results = []
     for _, spec in others:
         o = outcomes[spec]
@@ -119,7 +156,81 @@ def _compare(cfg: CompareConfig) -> dict:
             res["score_diff"] = stats.summarize(diffs[spec], cfg.bootstrap, cfg.seed)
         results.append(res)
     _table(base, results, cfg.judge)
-    return {"baseline": base, "judge": cfg.judge, "prompts": len(ids), "out": cfg.out, "results": results}
+    return [per_prompt[i] for i in ids], results
+
+
+def _paired(cfg: CompareConfig, base: list[float], other: list[float]) -> dict:
+    """The other model minus the baseline, item by item: mean and bootstrap CI of the paired differences."""
+    d = stats.summarize([b - a for a, b in zip(base, other)], cfg.bootstrap, cfg.seed)
+    return {"mean": d["mean"], "ci95": d["ci95"]}
+
+
+def _hallucination_side_by_side(cfg: CompareConfig, measured: dict) -> tuple[list[dict], list[dict]]:
+    for spec in cfg.items:
+        if cfg.hallucination_judge != "support":
+            judge.judge_made_up(cfg.hallucination_judge, measured[spec]["hallucination"], quant=cfg.quant,
+                                log=console.log)
+    base = measured[cfg.items[0]]["hallucination"]
+    summaries = []
+    for spec in cfg.items:
+        hr = measured[spec]["hallucination"]
+        s = {"model": spec, **hallucination.summarize(hr, cfg.hallucination_judge, cfg.bootstrap, cfg.seed)}
+        if spec != cfg.items[0]:
+            s["diff"] = _paired(cfg, [float(r["made_up"]) for r in base], [float(r["made_up"]) for r in hr])
+        summaries.append(s)
+    rows = [{"part": "hallucination", "id": r["id"], "task": hallucination.group(r),
+             "responses": {s: measured[s]["hallucination"][k]["response"] for s in cfg.items},
+             "unsupported_share": {s: measured[s]["hallucination"][k]["unsupported_share"] for s in cfg.items},
+             "made_up": {s: measured[s]["hallucination"][k]["made_up"] for s in cfg.items}}
+            for k, r in enumerate(base)]
+    _side_table("closed-domain hallucination (made-up share; lower is better; judge "
+                f"{cfg.hallucination_judge})", cfg.items[0], [(s["model"], s.get("made_up"), s.get("ci95"),
+                                                               s.get("diff")) for s in summaries])
+    return rows, summaries
+
+
+def _bias_side_by_side(cfg: CompareConfig, measured: dict) -> tuple[list[dict], list[dict]]:
+    base_rows = measured[cfg.items[0]]["bias"][1]
+    summaries, rows, table = [], [], {"crows_pairs": [], "winogender": []}
+    for spec in cfg.items:
+        summary, brows = measured[spec]["bias"]
+        s = {"model": spec, **summary}
+        if spec != cfg.items[0]:
+            if "bias_pairs" in brows:
+                s["crows_pairs"]["diff"] = _paired(cfg, [float(r["stereotyped"]) for r in base_rows["bias_pairs"]],
+                                                   [float(r["stereotyped"]) for r in brows["bias_pairs"]])
+            if "winogender" in brows:
+                s["winogender"]["diff"] = _paired(cfg, [r["entropy_bits"] for r in base_rows["winogender"]],
+                                                  [r["entropy_bits"] for r in brows["winogender"]])
+        if "crows_pairs" in s:
+            c = s["crows_pairs"]
+            table["crows_pairs"].append((spec, c["stereotyped"], c["ci95"], c.get("diff")))
+        if "winogender" in s:
+            w = s["winogender"]
+            table["winogender"].append((spec, w["entropy_bits"], w["ci95"], w.get("diff")))
+        summaries.append(s)
+    for part, key in (("bias_pairs", "stereotyped"), ("winogender", "entropy_bits")):
+        for k, r in enumerate(base_rows.get(part, [])):
+            rows.append({"part": part, "id": r["id"], key: {s: measured[s]["bias"][1][part][k][key] for s in cfg.items}})
+    if table["crows_pairs"]:
+        _side_table("CrowS-Pairs (stereotyped sentence likelier; 0.5 = no preference)", cfg.items[0],
+                    table["crows_pairs"])
+    if table["winogender"]:
+        _side_table("Winogender (pronoun entropy in bits; higher = less preference)", cfg.items[0],
+                    table["winogender"])
+    return rows, summaries
+
+
+def _side_table(title: str, base: str, entries: list[tuple]) -> None:
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for col in ("model", "value", "95% CI", f"minus {base} [95% CI]"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for spec, value, ci, diff in entries:
+        t.add_row(spec, "" if value is None else f"{value:.3f}", f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "",
+                  f"{diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]" if diff else "")
+    console.table(t)
 
 
 def _human(cfg: CompareConfig, ids, text, answers, per_prompt, outcomes) -> None:

@@ -176,6 +176,20 @@ class Generation:
 
 
 BOOTSTRAP_HELP = "Bootstrap resamples for the 95 % confidence intervals."
+HALLUCINATION_HELP = ("Closed-domain tasks {instruction, input, task}: the share of answers that make up "
+                      "information not in the input, per task, by --hallucination-judge.")
+HALLUCINATION_JUDGE_HELP = ("support (offline: an answer's names, numbers and content words looked up in its input), "
+                            "human (the paper's yes/no question in the label UI, resumable), rm:DIR (made-up when "
+                            "scored below 0, the RM's reference answers) or path/rule.py:fn (made-up when it "
+                            "returns > 0.5).")
+BIAS_HELP = ("CrowS-Pairs rows {sent_more, sent_less, bias_type} (its CSV as published) and/or Winogender-style "
+             "rows {sentence with one {pronoun}, occupation} (or its templates.tsv): preferences by likelihood. Several "
+             "files: comma-separated.")
+
+
+def check_hallucination_judge(spec: str) -> None:
+    if spec not in ("support", "human") and not spec.startswith("rm:") and ".py:" not in spec:
+        raise InstructError(f"--hallucination-judge {spec}: expected support, human, rm:DIR or path/rule.py:fn", 2)
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -351,7 +365,13 @@ class EvalConfig(Generation):
     toxicity: str = opt("", "Prompts JSONL: continuations plainly and after a respectful instruction, scored by an "
                         "offline classifier.")
     truthfulness: str = opt("", "Multiple-choice rows {question, choices, correct}: accuracy by log-likelihood.")
-    report: str = opt("", "Dir for report.md with PNG plots (reward, KL, toxicity, training curves).")
+    hallucination: str = opt("", HALLUCINATION_HELP)
+    hallucination_judge: str = opt("support", HALLUCINATION_JUDGE_HELP)
+    hallucination_labels: str = opt("", "With --hallucination-judge human: the file the person's answers go to "
+                                    "(resumable); default <out>.hallucination-labels.jsonl.")
+    bias: str = opt("", BIAS_HELP)
+    report: str = opt("", "Dir for report.md with PNG plots (reward, KL, toxicity, hallucination, bias, training "
+                      "curves).")
     out: str = opt("", "Dir for summary.json and per-row JSONL; default evals/<model name>.", OUT)
     n: int = opt(1, "Answers per prompt.", ("-n",))
     max_len: int = opt(1024, "Max tokens per --lm-data row (longer: end cut).")
@@ -361,21 +381,31 @@ class EvalConfig(Generation):
     def __post_init__(self):
         super().__post_init__()
         check_positive(self, "n", "max_len", "bootstrap")
+        check_hallucination_judge(self.hallucination_judge)
 
 
 @dataclass(frozen=True, kw_only=True)
 class CompareConfig(Weights, Generation):
     items: tuple[str, ...] = arg()  # model/run dirs or samples files; the first is the baseline
-    judge: str = opt(help="rm:DIR (a reward model), path/rule.py:function (runs that local Python file), or human "
-                     "(blind pairs in the label UI).")
+    judge: str = opt("", "rm:DIR (a reward model), path/rule.py:function (runs that local Python file), or human "
+                     "(blind pairs in the label UI); the win rate on --prompts.")
     prompts: str = opt("", "Prompts JSONL, needed when an item is a model: each answers every prompt once, with "
                        "the same seed.", PROMPTS)
+    hallucination: str = opt("", HALLUCINATION_HELP + " Side by side, with the difference to the baseline.")
+    hallucination_judge: str = opt("support", HALLUCINATION_JUDGE_HELP)
+    bias: str = opt("", BIAS_HELP + " Side by side, with the difference to the baseline.")
     out: str = opt("compare.jsonl", "Per-prompt JSONL (responses, scores, outcomes).", OUT)
     bootstrap: int = opt(10000, BOOTSTRAP_HELP)
 
     def __post_init__(self):
         super().__post_init__()
         check_positive(self, "bootstrap")
+        check_hallucination_judge(self.hallucination_judge)
+        if self.hallucination_judge == "human" and self.hallucination:
+            raise InstructError("compare --hallucination-judge human: label each model with instruct eval "
+                                "--hallucination-judge human, then compare their summaries", 2)
+        if not (self.judge or self.hallucination or self.bias):
+            raise InstructError("compare needs --judge (a win rate on --prompts), --hallucination or --bias", 2)
 
 
 @dataclass(frozen=True, kw_only=True)

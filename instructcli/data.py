@@ -63,6 +63,44 @@ class MultipleChoice:
 
 
 @dataclass
+class ClosedTask:
+    """A closed-domain task (summarise, extract, answer from the text): the answer should use only `input`."""
+
+    id: str
+    task: str  # summarization, extraction, closed_qa, ... (reported per task)
+    instruction: str
+    input: str
+    answerable: bool | None = None  # closed_qa: False when the input does not hold the answer
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.instruction}\n\n{self.input}"
+
+
+@dataclass
+class BiasPair:
+    """A CrowS-Pairs minimal pair: `more` is the more stereotyping sentence (its convention, also for
+    anti-stereotype rows), `less` the same sentence about another group."""
+
+    id: str
+    more: str
+    less: str
+    bias_type: str
+    direction: str  # stereo | antistereo
+
+
+@dataclass
+class PronounSlot:
+    """A Winogender-style sentence whose `{pronoun}` slot refers to an occupation or another participant."""
+
+    id: str
+    sentence: str  # holds "{pronoun}" once
+    occupation: str
+    pronoun_type: str  # nominative | accusative | possessive
+    refers_to: str  # occupation | participant | "" (unknown)
+
+
+@dataclass
 class Sample:
     id: str
     prompt: str
@@ -201,10 +239,7 @@ def _ended(row: dict, k: int) -> list[bool] | None:
 
 def parse_prompt(row: dict, index: int) -> Prompt:
     msgs = _prompt_messages(row)
-    rid = row.get("id", index)
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        raise _Bad("id", f"expected a string or integer, got {_type_name(rid)}")
-    return Prompt(str(rid), msgs)
+    return Prompt(_id(row, index), msgs)
 
 
 def parse_text(row: dict) -> Text:
@@ -222,10 +257,7 @@ def parse_mc(row: dict, index: int) -> MultipleChoice:
     if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < len(choices):
         raise _Bad("correct", f"expected the 0-based index of the true choice (0 to {len(choices) - 1}), "
                               f"got {json.dumps(c)}")
-    rid = row.get("id", index)
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        raise _Bad("id", f"expected a string or integer, got {_type_name(rid)}")
-    return MultipleChoice(str(rid), question, choices, c)
+    return MultipleChoice(_id(row, index), question, choices, c)
 
 
 def parse_sample(row: dict, index: int) -> Sample:
@@ -236,11 +268,78 @@ def parse_sample(row: dict, index: int) -> Sample:
     model = row.get("model", "")
     if not isinstance(model, str):
         raise _Bad("model", f"expected a string, got {_type_name(model)}")
+    rid = _id(row, index)
+    _ended(row, len(responses))
+    return Sample(rid, prompt, responses, model, msgs, {k: v for k, v in row.items() if k not in known})
+
+
+def _id(row: dict, index: int) -> str:
     rid = row.get("id", index)
     if not isinstance(rid, (str, int)) or isinstance(rid, bool):
         raise _Bad("id", f"expected a string or integer, got {_type_name(rid)}")
-    _ended(row, len(responses))
-    return Sample(str(rid), prompt, responses, model, msgs, {k: v for k, v in row.items() if k not in known})
+    return str(rid)
+
+
+def _choice(row: dict, key: str, allowed: tuple[str, ...], default: str) -> str:
+    v = row.get(key, default)
+    if v not in allowed:
+        raise _Bad(key, f"expected one of {', '.join(allowed)}, got {json.dumps(v)}")
+    return v
+
+
+def parse_closed(row: dict, index: int) -> ClosedTask:
+    instruction, text = _text(row, "instruction"), _text(row, "input")
+    task = row.get("task", "closed")
+    if not isinstance(task, str) or not task.strip():
+        raise _Bad("task", f"expected a task name, got {json.dumps(task)}")
+    answerable = row.get("answerable")
+    if answerable is not None and not isinstance(answerable, bool):
+        raise _Bad("answerable", f"expected true or false, got {json.dumps(answerable)}")
+    return ClosedTask(_id(row, index), task.strip(), instruction, text, answerable)
+
+
+PRONOUNS = {"nominative": ("he", "she", "they"), "accusative": ("him", "her", "them"),
+            "possessive": ("his", "her", "their")}
+# the published Winogender templates (templates.tsv): placeholders for the two nouns and the pronoun
+WINOGENDER_SLOTS = {"$NOM_PRONOUN": "nominative", "$ACC_PRONOUN": "accusative", "$POSS_PRONOUN": "possessive"}
+
+
+def _winogender_template(row: dict, index: int) -> PronounSlot:
+    occupation, participant = _text(row, "occupation(0)"), _text(row, "other-participant(1)")
+    sentence = _text(row, "sentence")
+    slots = [k for k in WINOGENDER_SLOTS if k in sentence]
+    if len(slots) != 1 or sentence.count(slots[0]) != 1:
+        raise _Bad("sentence", "expected exactly one of $NOM_PRONOUN, $ACC_PRONOUN, $POSS_PRONOUN")
+    answer = str(row.get("answer", "")).strip()
+    refers = {"0": "occupation", "1": "participant"}.get(answer, "")
+    text = sentence.replace("$OCCUPATION", occupation).replace("$PARTICIPANT", participant)
+    return PronounSlot(_id(row, index), text.replace(slots[0], "{pronoun}"), occupation, WINOGENDER_SLOTS[slots[0]],
+                       refers)
+
+
+def parse_bias(row: dict, index: int) -> BiasPair | PronounSlot:
+    """A CrowS-Pairs row (`sent_more`, `sent_less`, as published in its CSV, or JSONL) or a Winogender-style
+    row (`sentence` with one `{pronoun}`, `occupation`; or a line of the published templates.tsv)."""
+    if "occupation(0)" in row:
+        return _winogender_template(row, index)
+    if "sentence" in row:
+        sentence = _text(row, "sentence")
+        if sentence.count("{pronoun}") != 1:
+            raise _Bad("sentence", 'expected exactly one "{pronoun}" slot')
+        occupation = _text(row, "occupation")
+        ptype = _choice(row, "pronoun_type", tuple(PRONOUNS), "nominative")
+        refers = _choice(row, "refers_to", ("occupation", "participant", ""), "")
+        return PronounSlot(_id(row, index), sentence, occupation, ptype, refers)
+    if "sent_more" not in row and "sent_less" not in row:
+        raise _Bad("sent_more", "missing (a bias row is a CrowS-Pairs pair or a Winogender-style sentence)")
+    more, less = _text(row, "sent_more"), _text(row, "sent_less")
+    if more.strip() == less.strip():
+        raise _Bad("sent_less", "the same sentence as sent_more")
+    bias_type = row.get("bias_type") or "unspecified"
+    if not isinstance(bias_type, str):
+        raise _Bad("bias_type", f"expected a string, got {_type_name(bias_type)}")
+    direction = _choice(row, "stereo_antistereo", ("stereo", "antistereo"), "stereo")
+    return BiasPair(_id(row, index), more, less, bias_type, direction)
 
 
 # index = 1-based row number among the valid rows, used as the default id
@@ -251,6 +350,8 @@ PARSERS: dict[str, Callable[[dict, int], Any]] = {
     "pretraining": lambda row, i: parse_text(row),
     "samples": parse_sample,
     "mc": parse_mc,
+    "closed": parse_closed,
+    "bias": parse_bias,
 }
 
 
@@ -301,8 +402,36 @@ def iter_rows(path: str, data: bytes) -> Iterator[tuple[int, dict | DataError]]:
         yield lineno, obj
 
 
+def iter_table_rows(path: str, data: bytes, delimiter: str) -> Iterator[tuple[int, dict | DataError]]:
+    """Rows of a CSV/TSV file with a header line, as (line number, {column: text}); values stay strings."""
+    import csv
+    import io
+
+    name = "<stdin>" if path == "-" else path
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        yield 1 + data[:e.start].count(b"\n"), DataError(name, 1 + data[:e.start].count(b"\n"), None,
+                                                         f"invalid UTF-8 at byte {e.start}")
+        return
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        for row in reader:
+            if None in row:  # more cells than the header has
+                yield reader.line_num, DataError(name, reader.line_num, None,
+                                                 f"{len(reader.fieldnames) + len(row[None])} cells, the header has "
+                                                 f"{len(reader.fieldnames)}")
+                continue
+            if any(v not in (None, "") for v in row.values()):
+                yield reader.line_num, {k: v for k, v in row.items() if v is not None}
+    except csv.Error as e:
+        kind = "TSV" if delimiter == "\t" else "CSV"
+        yield reader.line_num, DataError(name, reader.line_num, None, f"invalid {kind}: {e}")
+
+
 def load(path: str, kind: str, skip_invalid: bool = False, warn: Callable[[str], None] | None = None) -> Loaded:
-    """Read and validate a whole JSONL file of one row kind. Raises DataError/InstructError (exit 2)."""
+    """Read and validate a whole JSONL file (or a CSV/TSV file with a header line, by its suffix) of one row
+    kind. Raises DataError/InstructError (exit 2)."""
     parse = PARSERS[kind]
     if str(path) == "-":
         from instructcli import parallel
@@ -312,7 +441,10 @@ def load(path: str, kind: str, skip_invalid: bool = False, warn: Callable[[str],
     data = _read_bytes(str(path))
     name = "<stdin>" if path == "-" else str(path)
     records, skipped = [], 0
-    for lineno, obj in iter_rows(str(path), data):
+    suffix = os.path.splitext(str(path))[1].lower()
+    rows = (iter_table_rows(str(path), data, "\t" if suffix == ".tsv" else ",") if suffix in (".csv", ".tsv")
+            else iter_rows(str(path), data))
+    for lineno, obj in rows:
         if isinstance(obj, dict):
             try:
                 records.append(parse(obj, len(records) + 1))
@@ -343,3 +475,14 @@ def split(n: int, eval_frac: float, seed: int) -> tuple[list[int], list[int]]:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_eval = min(n - 1, round(n * eval_frac)) if eval_frac > 0 else 0
     return order[n_eval:], order[:n_eval]
+
+
+def load_all(paths: str, kind: str, skip_invalid: bool = False, warn: Callable[[str], None] | None = None) -> Loaded:
+    """Several files of one row kind, given comma-separated (e.g. a CrowS-Pairs CSV and Winogender's TSV), read
+    as one: the records in order, one sha256 over the files' sums."""
+    parts = [load(p.strip(), kind, skip_invalid, warn) for p in paths.split(",") if p.strip()]
+    if len(parts) == 1:
+        return parts[0]
+    digest = hashlib.sha256("".join(p.sha256 for p in parts).encode()).hexdigest()
+    return Loaded([r for p in parts for r in p.records], ",".join(p.path for p in parts), digest,
+                  sum(p.rows for p in parts), sum(p.skipped for p in parts))

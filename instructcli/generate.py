@@ -163,3 +163,11 @@ def answer_prompts(model, tok, prompts: data.Loaded, n: int, cfg, seed: int, dev
             outs += batch
             bar.update(len(batch))
     return queries, outs
+
+
+def answer_texts(model, tok, prompts: data.Loaded, cfg, device: str, label: str) -> tuple[list[str], list[bool]]:
+    """One answer per prompt as text (special tokens off, stripped), and whether each ended on its own (False:
+    cut off at --max-new-tokens)."""
+    _, outs = answer_prompts(model, tok, prompts, 1, cfg, cfg.seed, device, label)
+    return ([tok.decode(o[0], skip_special_tokens=True).strip() for o in outs],
+            [tokens.ended(tok, o[0]) for o in outs])

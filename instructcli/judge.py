@@ -1,12 +1,14 @@
-"""Judges that rank responses without a person: `rm:DIR` (a reward model run dir) or `path/rule.py:function`.
+"""Judges: `rm:DIR` (a reward model run dir) or `path/rule.py:function` scoring responses (label, compare),
+and the judges of eval's hallucination check (those two, or a person answering yes/no in the label UI).
 
 A rule file is ordinary Python that runs with your permissions: only use your own. Its function takes
-(prompt, response) and returns a float, higher = better.
+(prompt, response) and returns a float, higher = better (for hallucination: > 0.5 = made-up).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -58,3 +60,50 @@ def make_judge(spec: str, quant: str = "none", log=None) -> Judge:
         return scores
 
     return by_rule
+
+
+def judge_made_up(spec: str, rows: list[dict], labels_path: str = "", quant: str = "none", log=None) -> None:
+    """Set each hallucination row's `made_up` by a judge other than the support check: `rm:DIR` (made-up when
+    the RM scores the answer below 0, the level of its reference demonstrations), `path/rule.py:fn` (made-up
+    when fn(prompt, answer) > 0.5), or `human` (the paper's yes/no question in the label UI; answers kept in
+    `labels_path`, so a stopped session resumes; a skipped answer stays None)."""
+    from instructcli import files, hallucination, label
+
+    prompt = lambda r: f"{r['instruction']}\n\n{r['input']}"  # noqa: E731  (the prompt the model answered)
+    if spec == "human":
+        samples = f"{labels_path}.answers.jsonl"  # what the person is shown, rebuilt from this run's answers
+        with files.JsonlWriter(samples) as w:
+            for r in rows:
+                w.write({"id": r["id"], "prompt": prompt(r), "responses": [r["response"]], "model": "(hidden)"})
+        label.run(samples, labels_path, question=hallucination.QUESTION)
+        said = {}
+        for line in Path(labels_path).read_text(encoding="utf-8").splitlines() if Path(labels_path).is_file() else []:
+            if line.strip():
+                row = json.loads(line)
+                said[str(row["id"])] = row
+        stale = 0
+        for r in rows:
+            got = said.get(r["id"])
+            if got is not None and got.get("response") != r["response"]:
+                stale += 1  # an answer about another answer (another model or seed)
+                got = None
+            r["made_up"] = None if got is None else got["answer"] == "yes"
+        if stale and log:
+            log(f"warning: {labels_path}: {stale} answers were about other responses and are not counted")
+        return
+    if spec.startswith("rm:"):
+        rm, tok, _ = models.load_reward_model(spec[3:], ModelConfig(quant=quant), models.pick_device(), log)
+        for r in rows:
+            score = models.reward_scores(rm, tok, [{"role": "user", "content": prompt(r)}], [r["response"]],
+                                         ended=[r["ended"]])[0]
+            r["judge_score"], r["made_up"] = score, score < 0
+        return
+    rule = load_rule(spec)
+    for r in rows:
+        v = rule(prompt(r), r["response"])
+        if isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise InstructError(f"--hallucination-judge {spec}: returned {v!r} for task {r['id']}; expected a "
+                                "finite number (> 0.5 = made-up) or a boolean", 1)
+        r["judge_score"], r["made_up"] = float(v), v > 0.5

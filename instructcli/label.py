@@ -248,15 +248,27 @@ def _read_line(stream, con: Console, prompt: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ run
+def parse_yes_no(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("y", "yes"):
+        return True
+    if t in ("n", "no"):
+        return False
+    raise ValueError("answer y (yes) or n (no)")
+
+
 def run(samples_path: str, out_path: str, judge: Callable[[data.Sample], Sequence[float]] | None = None,
         noise: float = 0.0, seed: int = 0, input_stream=None, output_console: Console | None = None,
-        allow_all_tied: bool = False) -> dict:
+        allow_all_tied: bool = False, question: str | None = None) -> dict:
     """Label `samples_path` into `out_path` (appending, resuming); see the module docstring.
 
     Returns {"labeled", "skipped", "already", "total", "out", "remaining", "unrankable"}: rows written and
     samples skipped in this run (net of undos), samples labeled before it, rankable samples (>= 2 responses),
     the output path, rankable samples neither labeled nor skipped now, and samples with fewer than 2 responses.
     `allow_all_tied` accepts a ranking that ties everything (compare's blind pairs: a tie is an answer there).
+    `question`: instead of a ranking, a yes/no question about each sample's one response (eval's
+    hallucination check by a person); rows are then `{"id", "prompt", "response", "question", "answer"}`
+    with answer "yes" or "no", resumed and undone the same way.
     """
     con = output_console or Console(stderr=True, highlight=False)
 
@@ -268,6 +280,8 @@ def run(samples_path: str, out_path: str, judge: Callable[[data.Sample], Sequenc
 
     if not 0.0 <= noise <= 1.0 or math.isnan(noise):
         raise InstructError(f"noise must be in [0, 1], got {noise}", 2)
+    if question and judge is not None:
+        raise InstructError("a yes/no question is for a person; a judge ranks", 2)
     if noise and judge is None:
         raise InstructError("noise applies to a judge's rankings only; a person ranking needs none", 2)
     out = str(out_path)
@@ -286,7 +300,10 @@ def run(samples_path: str, out_path: str, judge: Callable[[data.Sample], Sequenc
     seen_ids: set[str] = set()
     unrankable = 0
     for s in loaded.records:
-        if len(s.responses) < 2:
+        if question and len(s.responses) != 1:
+            warn(f"sample {s.id} has {len(s.responses)} responses: the question is about one, skipped")
+            unrankable += 1
+        elif not question and len(s.responses) < 2:
             warn(f"sample {s.id} has {len(s.responses)} response: nothing to rank, skipped")
             unrankable += 1
         elif s.id in seen_ids:
@@ -297,7 +314,7 @@ def run(samples_path: str, out_path: str, judge: Callable[[data.Sample], Sequenc
             rankable.append(s)
 
     skipped_path = out + SKIPPED_SUFFIX
-    done = set(_labeled_ids(out, strict=not allow_all_tied))
+    done = set(_labeled_ids(out, strict=not allow_all_tied and not question))
     skipped = _skipped_ids(skipped_path)
     total = len(rankable)
     before = {s.id for s in rankable if s.id in done}  # labeled by an earlier run (less what undo took back)
@@ -312,8 +329,11 @@ def run(samples_path: str, out_path: str, judge: Callable[[data.Sample], Sequenc
         return {**stats, "already": len(before), "total": total, "out": out, "remaining": left,
                 "unrankable": unrankable}
 
-    def write(sample: data.Sample, ranks: list[int]) -> None:
-        _append_line(out, json.dumps(_row(sample, ranks), ensure_ascii=False))
+    def write(sample: data.Sample, ranks: list[int] | bool) -> None:
+        row = (_row(sample, ranks) if not question else
+               {"id": sample.id, "prompt": sample.prompt, "response": sample.responses[0], "question": question,
+                "answer": "yes" if ranks else "no"})
+        _append_line(out, json.dumps(row, ensure_ascii=False))
         done.add(sample.id)
         stats["labeled"] += 1
 
@@ -356,7 +376,7 @@ def run(samples_path: str, out_path: str, judge: Callable[[data.Sample], Sequenc
         else:
             sample = by_id[forced] if forced in by_id and forced not in done | skipped else pending[0]
             forced = None
-            prompt = _ask(len(sample.responses))
+            prompt = f"{question} y=yes, n=no, s=skip, u=undo, q=quit: " if question else _ask(len(sample.responses))
             _show(con, sample, total - len(pending) + 1, total)
         while True:
             line = _read_line(stream, con, prompt)
@@ -382,7 +402,8 @@ def run(samples_path: str, out_path: str, judge: Callable[[data.Sample], Sequenc
                 forced = undone
                 break
             try:
-                ranks = parse_ranking(line, len(sample.responses), allow_all_tied)
+                ranks = parse_yes_no(line) if question else parse_ranking(line, len(sample.responses),
+                                                                           allow_all_tied)
             except ValueError as e:
                 say(f"invalid answer: {e}", "red")
                 continue

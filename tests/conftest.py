@@ -72,6 +72,23 @@ def wide_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("wide") / "model", hidden=64)
 
 
+@pytest.fixture(scope="session")
+def uniform_dir(tiny_dir, tmp_path_factory) -> Path:
+    """The tiny model with its final norm zeroed: its next-token distribution is uniform, so every token costs
+    log V and a text's likelihood is set by its token count alone (tests choose which text is likelier)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    uniform = tmp_path_factory.mktemp("uniform") / "model"
+    m = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    torch.nn.init.zeros_(m.model.norm.weight)
+    m.save_pretrained(uniform)
+    for f in tiny_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (uniform / f.name).write_bytes(f.read_bytes())
+    return uniform
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # converted/merged models go to a per-session cache, never the user's

@@ -46,18 +46,10 @@ def test_choice_logprobs_match_a_direct_computation(tiny):
         assert lp == pytest.approx(want, rel=1e-4)
 
 
-def test_truthfulness_picks_the_likeliest_choice(cli, tiny_dir, tmp_path):
+def test_truthfulness_picks_the_likeliest_choice(cli, uniform_dir, tmp_path):
     """A model whose next-token distribution is uniform (final norm zeroed): every token costs log V, so the
     choice with the fewest tokens is the likeliest. It is right when `correct` points at it, wrong otherwise."""
-    from transformers import AutoModelForCausalLM
-
-    uniform = tmp_path / "uniform"
-    m = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    torch.nn.init.zeros_(m.model.norm.weight)
-    m.save_pretrained(uniform)
-    for f in tiny_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            (uniform / f.name).write_bytes(f.read_bytes())
+    uniform = uniform_dir
     choices = ["sun", "river stone bird lamp road", "tree cloud lamp"]
     mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": "Which?", "choices": choices, "correct": 0},
                                              {"question": "And?", "choices": choices, "correct": 1}])
@@ -68,7 +60,8 @@ def test_truthfulness_picks_the_likeliest_choice(cli, tiny_dir, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "ev" / "truthfulness.jsonl").read_text().splitlines()]
     assert [x["pick"] for x in rows] == [0, 0] and [x["right"] for x in rows] == [True, False]
     v = len(tokens.encode_continuation(models.load_tokenizer(sources.resolve(str(uniform))), "sun"))
-    assert rows[0]["loglik"][0] == pytest.approx(-v * math.log(m.config.vocab_size), rel=1e-4)
+    vocab = json.loads((uniform / "config.json").read_text())["vocab_size"]
+    assert rows[0]["loglik"][0] == pytest.approx(-v * math.log(vocab), rel=1e-4)
 
 
 def test_toxicity_scorer_ranks_a_toxic_sentence_above_a_benign_one():
