@@ -6,7 +6,8 @@ other capitalised spans, content words beyond a stop list) are looked up in the 
 normalisation (case, accents, digits for number words, thousands separators, a light suffix strip so
 "approved" finds "approve"), and the share of units not found is the answer's `unsupported` share. An
 answer counts as made-up above MADE_UP, a threshold chosen by checking the check against answers labelled
-by hand (bench/hallucination_threshold.py, data_samples/hallucination_labels.jsonl; figures in ALIGNMENT.md).
+by hand (bench/hallucination_threshold.py, data_samples/hallucination_labels_*.jsonl; ALIGNMENT.md). What
+it cannot see: a number or name of the input put in the wrong place.
 Pure text functions: no models.
 """
 
@@ -16,7 +17,10 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-MADE_UP = 0.2  # unsupported share above which an answer counts as made-up (calibrated: see the docstring)
+# Unsupported share above which an answer counts as made-up: 0, any unit missing from the input. Of the
+# thresholds 0 to 0.6 it agrees best with 132 answers labelled by hand (accuracy 0.93, kappa 0.60), also when
+# chosen on one model's answers and scored on the other's (bench/hallucination_threshold.py, ALIGNMENT.md).
+MADE_UP = 0.0
 
 STOP = frozenset("""
 a about above after again against all also am an and any are aren't as at be because been before being below
