@@ -101,8 +101,7 @@ def _quote(text: str, limit: int = 300) -> str:
 
 def hallucination_section(h: dict, rows: list[dict]) -> list[str]:
     lines = ["## Closed-domain hallucination", "",
-             f"Judge: {h['judge']}" + (f" (made-up above {h['threshold']:.0%} of an answer's names, numbers and "
-                                       "content words missing from its input)" if "threshold" in h else "") + ".",
+             f"Judge: {h['judge']}" + (f" ({_support_rule(h['threshold'])})" if "threshold" in h else "") + ".",
              "", "| task | tasks | made-up share [95 % CI] |", "|---|---|---|"]
     for g, part in h["by_task"].items():
         lines.append(f"| {g} | {part['tasks']} | {part['made_up']:.3f} [{part['ci95'][0]:.3f}, {part['ci95'][1]:.3f}] |")
@@ -114,6 +113,12 @@ def hallucination_section(h: dict, rows: list[dict]) -> list[str]:
                       f"unsupported: {', '.join(r['unsupported'][:8])}): {_quote(r['instruction'])}", "",
                       f"> {_quote(r['response']) or '(empty)'}", ""]
     return lines + [""]
+
+
+def _support_rule(threshold: float) -> str:
+    if threshold == 0:
+        return "made-up when any of an answer's names, numbers and content words is missing from its input"
+    return f"made-up when more than {threshold:.0%} of an answer's names, numbers and content words are missing"
 
 
 def bias_section(b: dict) -> list[str]:
