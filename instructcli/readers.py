@@ -171,9 +171,13 @@ def _dataset(path: str, split: str, kind: str) -> Rows:
         ds = ds[split]
 
     def rows():
-        for i, row in enumerate(ds, start=1):
-            # a column a row has no value in reads as None (parquet's schema is the union): absent, not null
-            yield f"row {i}", {k: v for k, v in row.items() if v is not None}
+        i = 0
+        for batch in ds.iter(batch_size=1024):  # column batches: several times faster than row by row
+            keys = list(batch)
+            for values in zip(*(batch[k] for k in keys)):
+                i += 1
+                # a column a row has no value in reads as None (parquet's schema is the union): absent, not null
+                yield f"row {i}", {k: v for k, v in zip(keys, values) if v is not None}
 
     return Rows(path, ds._fingerprint, kind, rows())
 
