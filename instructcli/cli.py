@@ -241,6 +241,15 @@ def export(run_dir: Annotated[str, typer.Argument(help="A run dir (sft, ppo).")]
     print(models.export_merged(cfg.run_dir, cfg.out, cfg.dtype, console.log))
 
 
+@command(configs.DataConfig, "What a data file, dataset dir or hub dataset will be read as: the schema found, rows, "
+         "K (rm), and the first row rendered through the model's chat template.", name="data", toml=False)
+def data_(path: Annotated[str, typer.Argument(help="JSONL, CSV/TSV, parquet, JSON, arrow, a save_to_disk dir, a hub "
+                                             "dataset id, or - (stdin).")], cfg: configs.DataConfig):
+    from instructcli import describe
+
+    print(describe.run(cfg))
+
+
 @app.command(help="Versions, device, cache paths, and whether 8-bit/4-bit quantization works here (JSON).")
 def env():
     from instructcli import checkpoint, env as probe

@@ -64,8 +64,8 @@ def _compare(cfg: CompareConfig) -> dict:
             raise InstructError(f"{flag} {spec}: expected rm:DIR, path/rule.py:function or human", 2)
     if cfg.prompts and not cfg.judge:
         raise InstructError("--prompts are answered for a win rate: give --judge too", 2)
-    load = lambda path, kind: data.load(path, kind, cfg.skip_invalid, console.warn) if path else None  # noqa: E731
-    load_all = lambda paths: data.load_all(paths, "bias", cfg.skip_invalid, console.warn) if paths else None  # noqa
+    load = lambda path, kind: data.load(path, kind, cfg.skip_invalid, console.warn, cfg.columns, cfg.split) if path else None  # noqa: E731
+    load_all = lambda paths: data.load_all(paths, "bias", cfg.skip_invalid, console.warn, cfg.columns, cfg.split) if paths else None  # noqa
     prompts, closed, bias_set = load(cfg.prompts, "prompts"), load(cfg.hallucination, "closed"), load_all(cfg.bias)
     samples: dict[str, data.Loaded] = {}
     for spec in cfg.items:

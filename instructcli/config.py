@@ -144,6 +144,15 @@ class RunOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DataOptions:
+    """How the commands that read datasets read one (JSONL, CSV/TSV, parquet, JSON, arrow, save_to_disk, hub)."""
+
+    split: str = opt("train", "The split to read from a hub dataset id or a save_to_disk DatasetDict.")
+    columns: str = opt("", "Read the file's columns under our names: OURS=THEIRS,... (e.g. "
+                       "prompt=instruction,response=output).")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Weights:
     """How the commands that only read a model load its base."""
 
@@ -194,7 +203,7 @@ def check_hallucination_judge(spec: str) -> None:
 
 # ------------------------------------------------------------------------------------------ stages
 @dataclass(frozen=True, kw_only=True)
-class SFTConfig(RunOptions):
+class SFTConfig(RunOptions, DataOptions):
     data: str = arg()
     out: str = opt("runs/sft", OUT_HELP, OUT)
     model: ModelConfig = opt(factory=ModelConfig)
@@ -207,7 +216,7 @@ class SFTConfig(RunOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class RMConfig(RunOptions):
+class RMConfig(RunOptions, DataOptions):
     HELP: ClassVar[dict] = {  # the shared fields' help, as it reads for this stage
         "epochs": "Passes over the training prompts (the paper: 1).",
         "lr": "Peak learning rate (the adapter's).",
@@ -245,7 +254,7 @@ class RMConfig(RunOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class PPOConfig(RunOptions):
+class PPOConfig(RunOptions, DataOptions):
     CLI_SKIP: ClassVar[tuple] = ("model", "full")  # --policy names the model
 
     policy: str = opt(help="The sft run dir to optimise (also the KL reference).")
@@ -337,7 +346,7 @@ class LabelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SampleConfig(Generation):
+class SampleConfig(Generation, DataOptions):
     CLI_SKIP: ClassVar[tuple] = INFERENCE_ONLY
 
     model: ModelConfig = opt(factory=ModelConfig)  # model.model is the positional MODEL
@@ -351,7 +360,7 @@ class SampleConfig(Generation):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalConfig(Generation):
+class EvalConfig(Generation, DataOptions):
     CLI_SKIP: ClassVar[tuple] = INFERENCE_ONLY
     HELP: ClassVar[dict] = {"batch_size": "Sequences per forward."}
 
@@ -385,7 +394,7 @@ class EvalConfig(Generation):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CompareConfig(Weights, Generation):
+class CompareConfig(Weights, Generation, DataOptions):
     items: tuple[str, ...] = arg()  # model/run dirs or samples files; the first is the baseline
     judge: str = opt("", "rm:DIR (a reward model), path/rule.py:function (runs that local Python file), or human "
                      "(blind pairs in the label UI); the win rate on --prompts.")
@@ -423,6 +432,23 @@ class ChatConfig:
     def __post_init__(self):
         check_sampling(self.temperature, self.top_p)
         check_positive(self, "max_new_tokens", "max_prompt_len")
+
+
+DATA_KINDS = {"sft": "demonstrations", "rm": "comparisons", "prompts": "prompts", "text": "pretraining"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig(DataOptions):
+    CLI_SKIP: ClassVar[tuple] = INFERENCE_ONLY + ("quant", "dtype")  # only the tokenizer is loaded
+
+    path: str = arg()
+    kind: str = opt("sft", "Read it as: sft (demonstrations), rm (comparisons), prompts, or text (pretraining).",
+                    ("--as",))
+    model: ModelConfig = opt(factory=ModelConfig)  # its tokenizer renders the first row
+    skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
+
+    def __post_init__(self):
+        check_choice("as", self.kind, tuple(DATA_KINDS))
 
 
 @dataclass(frozen=True, kw_only=True)

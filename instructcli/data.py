@@ -9,11 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
+from instructcli import readers, schemas
 from instructcli.errors import DataError, InstructError
 
 ROLES = ("system", "user", "assistant")
@@ -119,21 +118,17 @@ class Loaded:
     sha256: str
     rows: int  # valid rows
     skipped: int  # invalid rows skipped with --skip-invalid
+    format: str = "JSONL"  # what the source was (readers.Rows.format)
+    schemas: dict = field(default_factory=dict)  # schema name -> rows read in it (schemas.recognise)
 
     def describe(self) -> dict:
-        return {"path": self.path, "sha256": self.sha256, "rows": self.rows, "skipped": self.skipped}
+        return {"path": self.path, "sha256": self.sha256, "rows": self.rows, "skipped": self.skipped,
+                "format": self.format, "schemas": self.schemas}
 
 
 # ----------------------------------------------------------------------------------------- field checks
-class _Bad(Exception):
-    def __init__(self, field: str, problem: str):
-        self.field, self.problem = field, problem
-
-
-def _type_name(v: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(v), "integer" if isinstance(v, int) else "number" if isinstance(v, float) else type(v).__name__
-    )
+_Bad = schemas.Bad  # a row's problem: (field, problem), reported with the row's place
+_type_name = readers.type_name
 
 
 def _text(row: dict, key: str, where: str | None = None) -> str:
@@ -356,112 +351,44 @@ PARSERS: dict[str, Callable[[dict, int], Any]] = {
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _read_bytes(path: str) -> bytes:
-    if path == "-":
-        return sys.stdin.buffer.read()
-    if not os.path.exists(path):
-        raise InstructError(f"{path}: no such file", 2)
-    if os.path.isdir(path):
-        raise InstructError(f"{path}: is a directory, expected a JSONL file", 2)
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise InstructError(f"{path}: cannot read: {e.strerror}", 2) from None
-
-
-def iter_rows(path: str, data: bytes) -> Iterator[tuple[int, dict | DataError]]:
-    """Yield (line number, parsed object or the error for that line); blank lines are skipped."""
-    name = "<stdin>" if path == "-" else path
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]  # UTF-8 byte-order mark
-        raw = raw.rstrip(b"\r")
-        if not raw.strip():
-            continue
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield lineno, DataError(name, lineno, None, f"invalid UTF-8 at byte {e.start}")
-            continue
-        try:
-            obj = json.loads(line, parse_constant=_reject_constant)
-        except RecursionError:
-            yield lineno, DataError(name, lineno, None, "invalid JSON: nested too deeply")
-            continue
-        except ValueError as e:
-            yield lineno, DataError(name, lineno, None, f"invalid JSON: {e}")
-            continue
-        if not isinstance(obj, dict):
-            yield lineno, DataError(name, lineno, None, f"expected a JSON object, got {_type_name(obj)}")
-            continue
-        yield lineno, obj
-
-
-def iter_table_rows(path: str, data: bytes, delimiter: str) -> Iterator[tuple[int, dict | DataError]]:
-    """Rows of a CSV/TSV file with a header line, as (line number, {column: text}); values stay strings."""
-    import csv
-    import io
-
-    name = "<stdin>" if path == "-" else path
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        yield 1 + data[:e.start].count(b"\n"), DataError(name, 1 + data[:e.start].count(b"\n"), None,
-                                                         f"invalid UTF-8 at byte {e.start}")
-        return
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        for row in reader:
-            if None in row:  # more cells than the header has
-                yield reader.line_num, DataError(name, reader.line_num, None,
-                                                 f"{len(reader.fieldnames) + len(row[None])} cells, the header has "
-                                                 f"{len(reader.fieldnames)}")
-                continue
-            if any(v not in (None, "") for v in row.values()):
-                yield reader.line_num, {k: v for k, v in row.items() if v is not None}
-    except csv.Error as e:
-        kind = "TSV" if delimiter == "\t" else "CSV"
-        yield reader.line_num, DataError(name, reader.line_num, None, f"invalid {kind}: {e}")
-
-
-def load(path: str, kind: str, skip_invalid: bool = False, warn: Callable[[str], None] | None = None) -> Loaded:
-    """Read and validate a whole JSONL file (or a CSV/TSV file with a header line, by its suffix) of one row
-    kind. Raises DataError/InstructError (exit 2)."""
+def load(path: str, kind: str, skip_invalid: bool = False, warn: Callable[[str], None] | None = None,
+         columns: str = "", split: str = "train") -> Loaded:
+    """Read and validate a whole source of one row kind: a JSONL file (or `-`), CSV/TSV, parquet, JSON,
+    arrow, a `save_to_disk` dir or a hub dataset id (readers.py), in our layout or a known public one
+    (schemas.py), with `columns` ("ours=theirs,...") renamed first. Raises DataError/InstructError (exit 2)."""
     parse = PARSERS[kind]
     if str(path) == "-":
         from instructcli import parallel
 
         if parallel.world > 1:  # every process would read the one pipe, each getting part of it or nothing
             raise InstructError("-: stdin cannot be shared by the processes of a launcher; give a file", 2)
-    data = _read_bytes(str(path))
-    name = "<stdin>" if path == "-" else str(path)
-    records, skipped = [], 0
-    suffix = os.path.splitext(str(path))[1].lower()
-    rows = (iter_table_rows(str(path), data, "\t" if suffix == ".tsv" else ",") if suffix in (".csv", ".tsv")
-            else iter_rows(str(path), data))
-    for lineno, obj in rows:
+    try:
+        mapping = schemas.parse_columns(columns)
+    except ValueError as e:
+        raise InstructError(str(e), 2) from None
+    src = readers.open_rows(str(path), split)
+    records, skipped, found = [], 0, {}
+    for where, obj in src.rows:
         if isinstance(obj, dict):
             try:
-                records.append(parse(obj, len(records) + 1))
+                name, row = schemas.recognise(schemas.rename(obj, mapping), kind)
+                records.append(parse(row, len(records) + 1))
+                found[name] = found.get(name, 0) + 1
                 continue
             except _Bad as bad:
-                obj = DataError(name, lineno, bad.field, bad.problem)
+                hint = f" (--columns reads it from {mapping[bad.field]})" if bad.field in mapping else ""
+                obj = DataError(src.name, where, bad.field, bad.problem + hint)
             except RecursionError:
-                obj = DataError(name, lineno, None, "nested too deeply")
+                obj = DataError(src.name, where, None, "nested too deeply")
         if not skip_invalid:
             raise obj
         skipped += 1
         if warn:
             warn(f"skipped {obj}")
     if not records:
-        why = "no valid rows" if skipped else "empty file, expected JSONL rows"
-        raise DataError(name, None, None, f"{why} ({kind})")
-    return Loaded(records, name, hashlib.sha256(data).hexdigest(), len(records), skipped)
+        why = "no valid rows" if skipped else f"empty {'file' if src.format in ('JSONL', 'CSV', 'TSV') else 'dataset'}"
+        raise DataError(src.name, None, None, f"{why} ({kind})")
+    return Loaded(records, src.name, src.sha256, len(records), skipped, src.format, found)
 
 
 def is_finite_number(x: Any) -> bool:
@@ -477,10 +404,11 @@ def split(n: int, eval_frac: float, seed: int) -> tuple[list[int], list[int]]:
     return order[n_eval:], order[:n_eval]
 
 
-def load_all(paths: str, kind: str, skip_invalid: bool = False, warn: Callable[[str], None] | None = None) -> Loaded:
-    """Several files of one row kind, given comma-separated (e.g. a CrowS-Pairs CSV and Winogender's TSV), read
-    as one: the records in order, one sha256 over the files' sums."""
-    parts = [load(p.strip(), kind, skip_invalid, warn) for p in paths.split(",") if p.strip()]
+def load_all(paths: str, kind: str, skip_invalid: bool = False, warn: Callable[[str], None] | None = None,
+             columns: str = "", split: str = "train") -> Loaded:
+    """Several sources of one row kind, given comma-separated (e.g. a CrowS-Pairs CSV and Winogender's TSV),
+    read as one: the records in order, one sha256 over the sources' sums."""
+    parts = [load(p.strip(), kind, skip_invalid, warn, columns, split) for p in paths.split(",") if p.strip()]
     if len(parts) == 1:
         return parts[0]
     digest = hashlib.sha256("".join(p.sha256 for p in parts).encode()).hexdigest()

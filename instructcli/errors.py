@@ -10,10 +10,11 @@ class InstructError(Exception):
 
 
 class DataError(InstructError):
-    """Invalid user data, reported as `path:line: field: problem`."""
+    """Invalid user data, reported as `path:line: field: problem` (or `path: row N: ...` where a source has
+    rows, not lines: parquet, arrow, datasets)."""
 
-    def __init__(self, path: str, line: int | None, field: str | None, problem: str):
-        where = f"{path}:{line}" if line is not None else path
+    def __init__(self, path: str, line: int | str | None, field: str | None, problem: str):
+        where = path if line is None else f"{path}:{line}" if isinstance(line, int) else f"{path}: {line}"
         msg = f"{where}: {field}: {problem}" if field else f"{where}: {problem}"
         super().__init__(msg, exit_code=2)
         self.path, self.line, self.field, self.problem = path, line, field, problem

@@ -101,8 +101,8 @@ def _reference(source: sources.Source, ref: str, mc: ModelConfig, device: str, m
 
 def _load_inputs(cfg: EvalConfig) -> dict:
     """Read every selected file first: bad input stops the run before any model is loaded."""
-    load = lambda path, kind: data.load(path, kind, cfg.skip_invalid, console.warn) if path else None  # noqa
-    load_all = lambda paths: data.load_all(paths, "bias", cfg.skip_invalid, console.warn) if paths else None  # noqa
+    load = lambda path, kind: data.load(path, kind, cfg.skip_invalid, console.warn, cfg.columns, cfg.split) if path else None  # noqa
+    load_all = lambda paths: data.load_all(paths, "bias", cfg.skip_invalid, console.warn, cfg.columns, cfg.split) if paths else None  # noqa
     return {"prompts": load(cfg.prompts, "prompts"), "lm": load(cfg.lm_data, "pretraining"),
             "toxicity": load(cfg.toxicity, "prompts"), "truthfulness": load(cfg.truthfulness, "mc"),
             "hallucination": load(cfg.hallucination, "closed"), "bias": load_all(cfg.bias)}

@@ -170,6 +170,8 @@ class JsonlWriter:
     """Write rows to a file atomically (temp sibling renamed on success) or stream them to stdout for `-`."""
 
     def __init__(self, path: str):
+        import jsonlines
+
         self.path = path
         if path == "-":
             self.f, self.tmp = sys.stdout, None
@@ -177,11 +179,11 @@ class JsonlWriter:
             check_output_file(path)
             self.tmp = temp_sibling(path)
             self.f = open(self.tmp, "w", encoding="utf-8")
+        # through a pipe each row is flushed as it is made, so the reader sees it at once
+        self.w = jsonlines.Writer(self.f, dumps=lambda row: json.dumps(row, ensure_ascii=False), flush=self.tmp is None)
 
     def write(self, row: dict) -> None:
-        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        if self.tmp is None:
-            self.f.flush()  # a pipe's reader sees each row as it is made
+        self.w.write(row)
 
     def __enter__(self):
         return self

@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.text import Text
 
-from instructcli import data, files
+from instructcli import data, files, readers
 from instructcli.errors import DataError, InstructError
 
 SKIPPED_SUFFIX = ".skipped"
@@ -161,7 +161,7 @@ def _labeled_ids(out: str, strict: bool = True) -> list[str]:
     if strict:
         data.load(out, "comparisons")  # raises `out:line: field: problem`
     ids = []
-    for lineno, obj in data.iter_rows(out, text.encode("utf-8")):
+    for lineno, obj in readers.jsonl_rows(out, text.encode("utf-8")):
         rid = obj.get("id") if isinstance(obj, dict) else None
         if rid is None or isinstance(rid, bool) or not isinstance(rid, (str, int)):
             problem = "missing" if rid is None else "expected a string or integer"

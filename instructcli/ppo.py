@@ -99,8 +99,8 @@ def train(cfg: PPOConfig) -> Path:
     run = checkpoint.RunDir(cfg.out, cfg.overwrite, cfg.resume)
 
     # 0. data and models
-    prompts = data.load(cfg.prompts, "prompts", cfg.skip_invalid, console.warn)
-    ptx = data.load(cfg.ptx_data, "pretraining", cfg.skip_invalid, console.warn) if cfg.ptx_coef > 0 else None
+    prompts = data.load(cfg.prompts, "prompts", cfg.skip_invalid, console.warn, cfg.columns, cfg.split)
+    ptx = data.load(cfg.ptx_data, "pretraining", cfg.skip_invalid, console.warn, cfg.columns, cfg.split) if cfg.ptx_coef > 0 else None
     rule = judge.load_rule(cfg.reward) if ".py:" in cfg.reward else None
     policy_source = sources.resolve(cfg.policy, console.log)
     sources.refuse_reward_model(policy_source, "--policy")

@@ -37,8 +37,8 @@ def train(cfg: RMConfig) -> Path:
     run = checkpoint.RunDir(cfg.out, cfg.overwrite, cfg.resume)
 
     # 1. data
-    rows = data.load(cfg.data, "comparisons", cfg.skip_invalid, console.warn)
-    norm_rows = data.load(cfg.norm_data, "demonstrations", cfg.skip_invalid, console.warn) if cfg.norm_data else None
+    rows = data.load(cfg.data, "comparisons", cfg.skip_invalid, console.warn, cfg.columns, cfg.split)
+    norm_rows = data.load(cfg.norm_data, "demonstrations", cfg.skip_invalid, console.warn, split=cfg.split) if cfg.norm_data else None
     source = sources.resolve(mc.model, console.log)
     tok = models.load_tokenizer(source, mc.trust_remote_code)
     stats, examples = tokens.OverflowStats(), []

@@ -9,7 +9,7 @@ from instructcli.config import SampleConfig
 def run(cfg: SampleConfig) -> int:
     mc = cfg.model
     console.set_quiet(cfg.quiet)
-    prompts = data.load(cfg.prompts, "prompts", cfg.skip_invalid, console.warn)
+    prompts = data.load(cfg.prompts, "prompts", cfg.skip_invalid, console.warn, cfg.columns, cfg.split)
     source = sources.resolve(mc.model, console.log)
     tok = models.load_tokenizer(source, mc.trust_remote_code)
     rows = prompts.records

@@ -19,7 +19,7 @@ def train(cfg: SFTConfig) -> Path:
     run = checkpoint.RunDir(cfg.out, cfg.overwrite, cfg.resume)  # checks only; writes nothing yet
 
     # 1. data: validate every row before anything is loaded or written
-    rows = data.load(cfg.data, "demonstrations", cfg.skip_invalid, console.warn)
+    rows = data.load(cfg.data, "demonstrations", cfg.skip_invalid, console.warn, cfg.columns, cfg.split)
     source = sources.resolve(mc.model, console.log)
     tok = models.load_tokenizer(source, mc.trust_remote_code)
     stats, examples = tokens.OverflowStats(), []
