@@ -316,8 +316,9 @@ def main() -> None:
             console.error(f"{type(e).__name__}: {msg} (INSTRUCT_DEBUG=1 shows the traceback)")
         rc = 1
     finally:
-        from instructcli import files, parallel
+        from instructcli import console, files, parallel
 
+        console.close_metrics()  # a run that failed or was stopped at once: its trackers end as failed
         files.release_locks()  # however the command ended, its outputs are free for the next writer
         parallel.close(clean=False)  # after an error; a no-op once the clean exit has left the group
     sys.exit(rc if isinstance(rc, int) else 0)

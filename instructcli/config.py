@@ -16,6 +16,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 OLD_LOGPROBS = ("auto", "rollout", "recompute")
 POOLS = ("last", "mean")  # what the reward model's head reads (forward.score_features)
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # --report-to name: package
 
 
 def opt(default=MISSING, help: str = "", flags: tuple[str, ...] = (), factory=MISSING):
@@ -54,6 +55,26 @@ def check_positive(cfg, *names: str) -> None:
 def check_eval_frac(eval_frac: float) -> None:
     if not 0 <= eval_frac < 1:
         raise InstructError(f"--eval-frac: must be in [0, 1), got {eval_frac}", 2)
+
+
+def report_names(spec: str) -> tuple[str, ...]:
+    """--report-to's trackers, in order, once each ('' or none: no tracker)."""
+    names = [n.strip().lower() for n in spec.split(",") if n.strip()]
+    return tuple(dict.fromkeys(n for n in names if n != "none"))
+
+
+def check_report_to(spec: str) -> None:
+    """Known tracker names whose package is installed, checked before anything loads or is written: a missing
+    package names its extra (find_spec looks the package up without importing it, so this costs nothing)."""
+    from importlib.util import find_spec
+
+    for name in report_names(spec):
+        if name not in TRACKERS:
+            raise InstructError(f"--report-to: expected a comma-separated list of {' | '.join(TRACKERS)}, got "
+                                f"{name!r}", 2)
+        if find_spec(TRACKERS[name]) is None:
+            raise InstructError(f"--report-to {name} needs the {TRACKERS[name]} package: pip install "
+                                f"'instruct[{name}]'", 2)
 
 
 SEED_HELP = "Random seed (runs are deterministic on CPU)."
@@ -141,6 +162,12 @@ class RunOptions:
     overwrite: bool = opt(False, RUN_HELP["overwrite"])
     resume: bool = opt(False, RUN_HELP["resume"])
     quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
+    report_to: str = opt("", "Also log every metrics.jsonl row to these trackers, comma-separated: tensorboard "
+                         "(<out>/tensorboard), wandb (offline unless logged in or WANDB_MODE says), trackio (its "
+                         "local store); each an extra: pip install 'instruct[NAME]'.")
+
+    def __post_init__(self):
+        check_report_to(self.report_to)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,6 +238,7 @@ class SFTConfig(RunOptions, DataOptions):
     max_len: int = opt(512, "Max tokens per example (prompt + response).")
     overflow: str = opt("truncate", "Longer examples: truncate | drop | error.")
     def __post_init__(self):
+        super().__post_init__()
         check_choice("overflow", self.overflow, OVERFLOWS)
         check_positive(self, "max_len")
 
@@ -242,6 +270,7 @@ class RMConfig(RunOptions, DataOptions):
     score_depth: float = opt(0.5, "The head reads the hidden states after this share of the decoder layers "
                              "(1 = all); the layers above never run.")
     def __post_init__(self):
+        super().__post_init__()
         check_choice("pool", self.pool, POOLS)
         if not 0 < self.score_depth <= 1:
             raise InstructError(f"--score-depth: must be in (0, 1], got {self.score_depth}", 2)
@@ -298,6 +327,7 @@ class PPOConfig(RunOptions, DataOptions):
     keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.")
     seed: int = opt(0, SEED_HELP)
     def __post_init__(self):
+        super().__post_init__()
         if self.model.model == "default":  # the policy is the model the run trains on
             object.__setattr__(self, "model", replace(self.model, model=self.policy))
         if self.model.full:

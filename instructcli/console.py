@@ -1,4 +1,5 @@
-"""Everything a person watches: messages and rich progress bars on stderr, metrics.jsonl on disk."""
+"""Everything a person watches: messages and rich progress bars on stderr, metrics.jsonl on disk (and, with
+--report-to, in experiment trackers)."""
 
 from __future__ import annotations
 
@@ -80,11 +81,14 @@ class Bar:
 
 
 class Metrics:
-    """Appends one JSON object per logged step to metrics.jsonl (flushed, so a crash keeps what was logged)."""
+    """Appends one JSON object per logged step to metrics.jsonl (flushed, so a crash keeps what was logged), and
+    hands each row to the run's --report-to trackers (trackers.Trackers), closed with the file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, trackers=None):
         self.path = path
         self.f = open(path, "a", encoding="utf-8") if parallel.main else None  # one writer under a launcher
+        self.trackers = trackers
+        _open_metrics.append(self)
 
     def write(self, row: dict) -> None:
         if self.f is None:
@@ -92,10 +96,28 @@ class Metrics:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in row.items()}
         self.f.write(json.dumps(clean) + "\n")
         self.f.flush()
+        if self.trackers:
+            self.trackers.log(row)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """`exit_code`: how the run ends (0 done, 128 + signal stopped, 1 failed), as the trackers record it."""
+        if self in _open_metrics:
+            _open_metrics.remove(self)
         if self.f is not None:
             self.f.close()
+            self.f = None
+        if self.trackers:
+            self.trackers, trackers = None, self.trackers
+            trackers.close(exit_code)
+
+
+_open_metrics: list[Metrics] = []  # closed by the CLI however a command ends (close_metrics)
+
+
+def close_metrics(exit_code: int = 1) -> None:
+    """The metrics files and trackers a failed run left open: closed, its trackers told it failed."""
+    for m in list(_open_metrics):
+        m.close(exit_code)
 
 
 def peak_memory_mb() -> float:

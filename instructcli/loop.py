@@ -10,7 +10,7 @@ import threading
 
 import torch
 
-from instructcli import checkpoint, console, parallel, rlhf
+from instructcli import checkpoint, console, parallel, rlhf, trackers
 from instructcli.console import warn
 from instructcli.errors import InstructError
 
@@ -28,11 +28,12 @@ def schedule(t, optimizer, examples: int):
 
 
 def start_or_resume(run: checkpoint.RunDir, model, optimizer, scheduler, params: list, resume: bool, seed: int,
-                    per_step: int, identity: dict, what: str = "examples") -> tuple[int, dict | None, console.Metrics]:
+                    per_step: int, identity: dict, what: str = "examples",
+                    config=None) -> tuple[int, dict | None, console.Metrics]:
     """With --resume, restore the newest intact checkpoint, which must be of the same run (`identity`: its
     data, base and settings; checkpoint.identity); then every process starts from the same weights (and,
     fresh, its own random streams), and the run dir is created. Returns (the first step, the checkpoint's
-    state or None, the run's metrics.jsonl writer)."""
+    state or None, the run's metrics.jsonl writer, which also feeds the trackers of `config`'s --report-to)."""
     state = None
     run.identity = identity
     if resume and (state := run.load_checkpoint(model, optimizer, scheduler)):
@@ -42,7 +43,9 @@ def start_or_resume(run: checkpoint.RunDir, model, optimizer, scheduler, params:
     if parallel.world > 1 and not state:  # own dropout masks and samples per process
         checkpoint.seed_everything(seed + parallel.rank)
     run.create()
-    return (state["step"] if state else 0), state, console.Metrics(run.metrics_path)
+    start = state["step"] if state else 0
+    report = trackers.open_trackers(config, run.work, run.out.name, run.metrics_path, start) if config else None
+    return start, state, console.Metrics(run.metrics_path, report)
 
 
 def step_controls(run: checkpoint.RunDir, t, state: dict | None) -> tuple["NonFiniteGuard", "MicroBatches"]:
@@ -75,9 +78,10 @@ def checkpoint_or_stop(run: checkpoint.RunDir, done: int, total: int, interrupt:
     if (save_every and done % save_every == 0) or stop:
         run.save_checkpoint(done, model, optimizer, scheduler, extra, keep)
     if stop:
-        metrics.close()
+        signum = interrupt.signum or signal.SIGINT  # another process was signalled: as Ctrl-C
+        metrics.close(128 + signum)
         console.stopped(done)
-        raise Stopped(interrupt.signum or signal.SIGINT)  # another process was signalled: as Ctrl-C
+        raise Stopped(signum)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -138,7 +138,7 @@ def train(cfg: PPOConfig) -> Path:
                          checkpoint.file_sum(Path(cfg.reward.rpartition(":")[0]))[1])}
     start, state, metrics = loop.start_or_resume(run, nets, optimizer, scheduler, params, cfg.resume, cfg.seed,
                                                  rollout_size * parallel.world,
-                                                 checkpoint.identity(cfg, inputs, policy_source), "rollouts")
+                                                 checkpoint.identity(cfg, inputs, policy_source), "rollouts", config=cfg)
     if state:
         kl_ctl.value = state["extra"]["kl_coef"]
     order = checkpoint.EpochOrder(len(queries), cfg.seed)

@@ -80,7 +80,7 @@ def train(cfg: RMConfig) -> Path:
     if norm_rows:
         inputs["norm_data"] = (cfg.norm_data, norm_rows.sha256)
     start, state, metrics = loop.start_or_resume(run, model, optimizer, scheduler, params, cfg.resume, t.seed, per_step,
-                                                 checkpoint.identity(cfg, inputs, source))
+                                                 checkpoint.identity(cfg, inputs, source), config=cfg)
     order = checkpoint.EpochOrder(len(train_set), t.seed)
 
     def evaluate() -> dict:

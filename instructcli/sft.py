@@ -51,7 +51,7 @@ def train(cfg: SFTConfig) -> Path:
 
     ident = checkpoint.identity(cfg, {"data": (cfg.data, rows.sha256)}, source)
     start, state, metrics = loop.start_or_resume(run, model, optimizer, scheduler, params, cfg.resume, t.seed, per_step,
-                                                 ident)
+                                                 ident, config=cfg)
 
     order = checkpoint.EpochOrder(len(train_set), t.seed)  # the data position is a function of the step: resumable
 

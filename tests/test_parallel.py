@@ -3,6 +3,7 @@ same steps as 1 process x batch N*b; ppo runs across processes and writes once."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -142,11 +143,12 @@ def test_rm_two_processes_equal_one_with_double_batch(setup, tiny_dir):
 
 def test_ppo_two_processes_run_and_write_once(setup, tiny_dir):
     d, env, demos, _, prompts, rule = setup
+    tracker = ["--report-to", "tensorboard"] if importlib.util.find_spec("tensorboard") else []  # opened once
     sft = launch(["sft", demos, "-m", tiny_dir, "--max-steps", 1, "--eval-frac", 0, "-o", d / "ppo_sft", "-q"], env, 1)
     assert sft.returncode == 0, sft.stderr[-3000:]
     p = launch(["ppo", "--policy", d / "ppo_sft", "--reward", f"{rule}:count_e", "-p", prompts, "--ptx-coef", 0,
                 "--steps", 2, "--rollout-batch-size", 2, "--mini-batch-size", 1, "--max-new-tokens", 4,
-                "--save-every", 1, "-o", d / "ppo2", "-q"], env, 2)
+                "--save-every", 1, "-o", d / "ppo2", "-q", *tracker], env, 2)
     assert p.returncode == 0, p.stderr[-3000:]
     out = d / "ppo2"
     assert p.stdout.strip().splitlines() == [str(out)]
@@ -155,6 +157,12 @@ def test_ppo_two_processes_run_and_write_once(setup, tiny_dir):
     assert len(state["rng_ranks"]) == 2 and state["extra"]["rollouts_per_step"] == 4
     m = rows(out)
     assert [r["step"] for r in m] == [1, 2]  # one writer
+    if tracker:  # the main process's trackers only: one event file, each step once
+        from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+        (events,) = (out / "tensorboard").glob("events.out.tfevents.*")
+        assert [e.step for e in LegacyEventFileLoader(str(events)).Load() for v in e.summary.value
+                if v.tag == "score"] == [1, 2]
     assert all(r["kl_coef"] == pytest.approx(0.02) for r in m)
     assert (out / "value_head.safetensors").is_file() and (out / "adapter_model.safetensors").is_file()
     assert json.loads((out / "instruct.json").read_text())["stage"] == "ppo"
