@@ -233,12 +233,16 @@ def chat(model: Annotated[str, typer.Argument(help="Run dir (sft, ppo), model di
 
 
 @command(configs.ExportConfig, "Merge a run dir's adapter into its base: a plain transformers model dir (no peft "
-         "needed).", toml=False)
+         "needed), or with --format gguf a GGUF file for llama.cpp and ollama plus an ollama Modelfile.", toml=False)
 def export(run_dir: Annotated[str, typer.Argument(help="A run dir (sft, ppo).")],
-           out: Annotated[str, typer.Argument(help="New model dir to write.")], cfg: configs.ExportConfig):
+           out: Annotated[str, typer.Argument(help="New dir to write.")], cfg: configs.ExportConfig):
     from instructcli import console, models
 
-    print(models.export_merged(cfg.run_dir, cfg.out, cfg.dtype, console.log))
+    if cfg.format == "gguf":
+        for path in models.export_gguf(cfg.run_dir, cfg.out, cfg.outtype, console.log):
+            print(path)
+    else:
+        print(models.export_merged(cfg.run_dir, cfg.out, cfg.dtype, console.log))
 
 
 @command(configs.DataConfig, "What a data file, dataset dir or hub dataset will be read as: the schema found, rows, "

@@ -17,6 +17,8 @@ OLD_LOGPROBS = ("auto", "rollout", "recompute")
 POOLS = ("last", "mean")  # what the reward model's head reads (forward.score_features)
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # --report-to name: package
+EXPORT_FORMATS = ("hf", "gguf")
+GGUF_OUTTYPES = ("f16", "bf16", "q8_0")  # what gguf_export writes the 2-D weights as
 
 
 def opt(default=MISSING, help: str = "", flags: tuple[str, ...] = (), factory=MISSING):
@@ -485,10 +487,20 @@ class DataConfig(DataOptions):
 class ExportConfig:
     run_dir: str = arg()
     out: str = arg()
-    dtype: str = opt("float32", "float32 | bfloat16 | float16 for the saved weights.")
+    format: str = opt("hf", "hf (a transformers model dir) | gguf (OUT holds <run name>.<outtype>.gguf for "
+                      "llama.cpp and ollama, and an ollama Modelfile).")
+    dtype: str = opt("float32", "float32 | bfloat16 | float16 for the saved weights (--format hf).")
+    outtype: str = opt("f16", "f16 | bf16 | q8_0 for the GGUF's 2-D weights; norms stay f32 (--format gguf).")
 
     def __post_init__(self):
+        check_choice("format", self.format, EXPORT_FORMATS)
         check_choice("dtype", self.dtype, EXPORT_DTYPES)
+        check_choice("outtype", self.outtype, GGUF_OUTTYPES)
+        if self.format == "gguf" and self.dtype != "float32":
+            raise InstructError("--dtype applies to --format hf; a GGUF's weights are set by --outtype", 2)
+        if self.format == "hf" and self.outtype != "f16":
+            raise InstructError("--outtype applies to --format gguf; a transformers dir's weights are set by "
+                                "--dtype", 2)
 
 
 def to_dict(cfg) -> dict:

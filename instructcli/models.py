@@ -194,23 +194,53 @@ def inference_model(source: Source, mc: ModelConfig, device: str):
     return model
 
 
-def export_merged(run_dir: str, out: str, dtype: str = "float32", log=None) -> Path:
-    """A plain transformers model (adapter merged into full-precision base weights) that loads without peft."""
+# ------------------------------------------------------------------------------------------ export
+def export_source(run_dir: str, out: str, log=None) -> tuple[Source, Path]:
+    """The run dir to export and the output dir, both checked before any weight is loaded."""
     source = resolve(run_dir, log)
     if not source.run_dir:
         raise InstructError(f"{run_dir}: not an instruct run dir (no {MANIFEST})", 2)
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise InstructError(f"{out}: exists and is not empty", 2)
-    mc = ModelConfig(quant="none", dtype=dtype)
-    model = inference_model(source, mc, "cpu")
+    return source, target
+
+
+def merged_model(source: Source, dtype: str = "float32"):
+    """(model, tokenizer): the run dir's adapter merged into full-precision base weights, with no peft left."""
+    model = inference_model(source, ModelConfig(quant="none", dtype=dtype), "cpu")
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    tok = load_tokenizer(source)
+    return model, load_tokenizer(source)
+
+
+def export_merged(run_dir: str, out: str, dtype: str = "float32", log=None) -> Path:
+    """A plain transformers model (adapter merged into full-precision base weights) that loads without peft."""
+    source, target = export_source(run_dir, out, log)
+    model, tok = merged_model(source, dtype)
     with files.atomic_dir(target) as tmp:  # an empty target dir is replaced
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return target
+
+
+def export_gguf(run_dir: str, out: str, outtype: str = "f16", log=None) -> list[Path]:
+    """A dir holding `<run name>.<outtype>.gguf` (llama.cpp, ollama) and an ollama `Modelfile`; returns both."""
+    from transformers import AutoConfig
+
+    from instructcli import gguf_export, modelfile
+
+    source, target = export_source(run_dir, out, log)
+    tok = load_tokenizer(source)
+    gguf_export.check_supported(AutoConfig.from_pretrained(source.base), tok)  # before the merge, not after
+    model, _ = merged_model(source)
+    name = gguf_export.file_name(source.run_dir, outtype)
+    with files.atomic_dir(target) as tmp:  # an empty target dir is replaced
+        counts = gguf_export.write_gguf(model, tok, tmp / name, outtype, Path(source.run_dir).resolve().name)
+        (tmp / "Modelfile").write_text(modelfile.modelfile(tok, name, console.warn), encoding="utf-8")
+    if log:
+        log(f"export: {name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + " tensors")
+    return [target / name, target / "Modelfile"]
 
 
 # ---------------------------------------------------------------------------------- reward model
