@@ -286,7 +286,10 @@ USAGE_ERRORS = (click.exceptions.ClickException,
 def main() -> None:
     debug = os.environ.get("INSTRUCT_DEBUG") == "1"
     try:
-        from instructcli import parallel
+        from instructcli import console, parallel
+
+        if not debug:  # before any library is imported: some talk at import
+            console.quiet_libraries()
 
         parallel.init()  # a no-op unless started by accelerate launch / torchrun
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")

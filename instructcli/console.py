@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -50,6 +52,53 @@ def table(t) -> None:
     """A rich table on stderr (results for people; the JSON for programs goes to stdout)."""
     if not _quiet and parallel.main:
         _err.print(t, width=max(_err.width, 120))  # piped stderr is 80 wide: room for model paths
+
+
+# ------------------------------------------------------------------------------ other libraries' lines
+# What the libraries would print on a normal run that tells our users nothing, each named by its own text
+NOISE_WARNINGS = (
+    ("`is_gradient_checkpointing` is deprecated", FutureWarning),  # transformers 5, from peft's PeftModel()
+    ("`torch.jit.script_method` is deprecated", DeprecationWarning),  # torch's mkldnn module, imported with bnb
+    ("Setting `save_embedding_layers` to `True`", UserWarning),  # peft, saving an adapter on the embeddings
+)
+NOISY_LOGGERS = (
+    "bitsandbytes.backends.cpu.ops",  # at import on AVX512-BF16 CPUs: an optional hub kernel it cannot fetch
+    "bitsandbytes.autograd._functions",  # every 8-bit matmul of float32 inputs: "inputs will be cast to float16"
+)
+QUIET_ENV = {  # read by each library when it is imported: no import here, so `instruct --help` stays instant
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub, and transformers' bars (loading, writing shards)
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",  # its advice and generation-config notes
+}
+
+
+def quiet_libraries() -> None:
+    """Keep stderr to our own lines: library progress bars, advice and deprecation notes off (INSTRUCT_DEBUG=1
+    skips this). A variable the user set keeps their value."""
+    for message, category in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for var, value in QUIET_ENV.items():
+        os.environ.setdefault(var, value)
+    _quiet_imported()
+
+
+def _quiet_imported() -> None:
+    """The same for libraries already imported (by a caller of main): too late for the variables, so through
+    their own switches, where the variable is ours (else they would warn that the user's setting wins)."""
+    ours = {var for var, value in QUIET_ENV.items() if os.environ.get(var) == value}
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        if "TRANSFORMERS_VERBOSITY" in ours:
+            hf_logging.set_verbosity_error()
+        if "HF_HUB_DISABLE_PROGRESS_BARS" in ours:
+            hf_logging.disable_progress_bar()  # huggingface_hub's bars too
+    if "datasets" in sys.modules and "HF_DATASETS_DISABLE_PROGRESS_BARS" in ours:
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 class Bar:

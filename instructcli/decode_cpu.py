@@ -5,6 +5,7 @@ benched in bench/rollout.py."""
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 
@@ -79,12 +80,12 @@ def decode_linears(model, lora: bool = True):
     (whose base and adapter linears still take the decode form): bench/rollout.py's breakdown."""
     import functools
 
-    from peft.tuners.lora import Linear as LoraLinear
-
+    # only a loaded peft makes LoRA layers: a plain base model imports neither it nor, through it, bitsandbytes
+    lora_linear = getattr(sys.modules.get("peft.tuners.lora"), "Linear", None) if lora else None
     patched = []
     try:
         for mod in model.modules():
-            if lora and type(mod) is LoraLinear:
+            if lora_linear is not None and type(mod) is lora_linear:
                 if type(mod.base_layer) is not torch.nn.Linear:
                     continue
                 fast, w = _decode_lora, mod.base_layer.weight

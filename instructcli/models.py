@@ -3,7 +3,6 @@ PPO models (policy, reference, reward and value on one shared base)."""
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from pathlib import Path
@@ -14,12 +13,8 @@ from instructcli import batches, console, files, parallel
 from instructcli.config import ModelConfig
 from instructcli.errors import InstructError
 from instructcli.forward import hidden_states, score_features
-from instructcli.sources import (MANIFEST, Source, _quiet_transformers, merged_base, normalisation, reward_reading,
-                                 refuse_reward_model, require_rm, resolve, same_weights)
-
-# on AVX512-BF16 CPUs bitsandbytes tries to fetch an optional kernel from the hub at import and warns when it
-# cannot (always, offline); its built-in kernel is used instead, so the warning tells our users nothing
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+from instructcli.sources import (MANIFEST, Source, bitsandbytes_if_loaded, merged_base, normalisation,
+                                 reward_reading, refuse_reward_model, require_rm, resolve, same_weights)
 
 
 CHATML_TEMPLATE = (  # used only for tokenizers that ship no chat template of their own
@@ -42,7 +37,6 @@ def torch_dtype(name: str, device: str):
 def load_tokenizer(source: Source, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    _quiet_transformers()
     where = source.run_dir or source.base
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
@@ -66,7 +60,6 @@ def load_base(source: Source, mc: ModelConfig, device: str):
     """The frozen base, quantized per --quant. Shared by every adapter put on it."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    _quiet_transformers()
     dtype = torch_dtype(mc.dtype, device)
     kwargs = {"dtype": dtype, "trust_remote_code": mc.trust_remote_code, "use_safetensors": True}  # no pickle
     if mc.quant != "none":
@@ -144,7 +137,8 @@ def score_layers(depth: float, num_layers: int) -> int:
 def lora_config(mc: ModelConfig, model, read_depth: float = 1.0):
     """LoRA on mc's targets, in every layer, the top mc.lora_layers, or, for a reward model read at
     `read_depth` < 1, the layers below that depth: there is nothing to adapt above where the head reads."""
-    from peft import LoraConfig
+    with bitsandbytes_if_loaded():
+        from peft import LoraConfig
 
     targets = mc.lora_targets if mc.lora_targets == "all-linear" else [t.strip() for t in mc.lora_targets.split(",")]
     num_layers = model.config.num_hidden_layers
@@ -170,12 +164,13 @@ def trainable_model(source: Source, mc: ModelConfig, device: str, read_depth: fl
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from peft import get_peft_model
+    with bitsandbytes_if_loaded():
+        from peft import get_peft_model
 
-    try:
-        return get_peft_model(model, lora_config(mc, model, read_depth))
-    except ValueError as e:
-        raise InstructError(f"--lora-targets {mc.lora_targets}: {e}", 2) from None
+        try:
+            return get_peft_model(model, lora_config(mc, model, read_depth))
+        except ValueError as e:
+            raise InstructError(f"--lora-targets {mc.lora_targets}: {e}", 2) from None
 
 
 def inference_model(source: Source, mc: ModelConfig, device: str):
@@ -184,14 +179,20 @@ def inference_model(source: Source, mc: ModelConfig, device: str):
     refuse_reward_model(source)
     model = load_base(source, mc, device)
     if source.run_dir and not (source.manifest or {}).get("full"):
-        from peft import PeftModel
-
         try:
-            model = PeftModel.from_pretrained(model, source.run_dir)
+            model = with_adapter(model, source.run_dir)
         except (OSError, ValueError) as e:
             raise InstructError(f"{source.run_dir}: cannot load adapter: {e}", 2) from None
     model.eval()
     return model
+
+
+def with_adapter(base, run_dir: str, **kwargs):
+    """PeftModel.from_pretrained (bitsandbytes left unimported for a base that does not use it)."""
+    with bitsandbytes_if_loaded():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, run_dir, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -304,12 +305,11 @@ def new_reward_model(source: Source, mc: ModelConfig, device: str, pool: str = "
 
 def load_reward_model(spec: str, mc: ModelConfig, device: str, log=None):
     """An RM run dir ready to score: (model in eval mode, tokenizer, manifest). Refuses other stages' dirs."""
-    from peft import PeftModel
     from safetensors.torch import load_file
 
     source = require_rm(resolve(spec, log))
     base = load_base(Source(source.spec, source.base, merged=source.merged), mc, device)
-    lm = PeftModel.from_pretrained(base, source.run_dir)
+    lm = with_adapter(base, source.run_dir)
     rm = RewardModel(lm, base.config.hidden_size, *reward_reading(source.manifest))
     try:
         rm.head.load_state_dict(load_file(str(Path(source.run_dir) / SCORE_HEAD)))
@@ -382,7 +382,6 @@ class PPOModels(torch.nn.Module):
 def ppo_models(policy: Source, reward_spec: str, mc: ModelConfig, device: str, log=None):
     """Build PPOModels from an sft run (`policy`, merged into the base) and an RM run dir trained --from the
     same sft run, or a rule judge (then the value adapter and head start fresh). Returns (models, RM Source|None)."""
-    from peft import PeftModel
     from safetensors.torch import load_file
 
     base_source = policy.as_base()
@@ -396,10 +395,9 @@ def ppo_models(policy: Source, reward_spec: str, mc: ModelConfig, device: str, l
     hidden = base.config.hidden_size
     pool, layers = reward_reading(rm_source.manifest) if rm_source else ("last", 0)
     value_head = torch.nn.Linear(hidden * (2 if pool == "mean" else 1), 1)
+    with bitsandbytes_if_loaded():
+        lm = _ppo_adapters(base, rm_source, mc)
     if rm_source:
-        lm = PeftModel.from_pretrained(base, rm_source.run_dir, adapter_name=REWARD)
-        lm.load_adapter(rm_source.run_dir, adapter_name=VALUE, is_trainable=True)
-        lm.add_adapter(POLICY, lora_config(mc, base))
         reward = RewardModel(lm, hidden, pool, layers)
         reward.head.load_state_dict(load_file(str(Path(rm_source.run_dir) / SCORE_HEAD)))
         reward.bias, reward.scale = normalisation(rm_source.manifest)
@@ -408,10 +406,6 @@ def ppo_models(policy: Source, reward_spec: str, mc: ModelConfig, device: str, l
             value_head.bias.sub_(reward.bias).mul_(reward.scale)
             value_head.weight.mul_(reward.scale)
     else:
-        from peft import get_peft_model
-
-        lm = get_peft_model(base, lora_config(mc, base))
-        lm.add_adapter(VALUE, lora_config(mc, base))
         reward = None
         torch.nn.init.zeros_(value_head.weight)
         torch.nn.init.zeros_(value_head.bias)
@@ -423,3 +417,18 @@ def ppo_models(policy: Source, reward_spec: str, mc: ModelConfig, device: str, l
     nets = PPOModels(lm, reward, value_head, pool, layers).to(device)
     nets.use(POLICY)
     return nets, rm_source
+
+
+def _ppo_adapters(base, rm_source: Source | None, mc: ModelConfig):
+    """The adapters on the shared base, in this order (their random initialisation is part of a seeded run):
+    reward and value (copies of the RM's) and a fresh policy; without an RM, fresh policy and value."""
+    from peft import PeftModel, get_peft_model
+
+    if rm_source:
+        lm = PeftModel.from_pretrained(base, rm_source.run_dir, adapter_name=REWARD)
+        lm.load_adapter(rm_source.run_dir, adapter_name=VALUE, is_trainable=True)
+        lm.add_adapter(POLICY, lora_config(mc, base))
+        return lm
+    lm = get_peft_model(base, lora_config(mc, base))
+    lm.add_adapter(VALUE, lora_config(mc, base))
+    return lm

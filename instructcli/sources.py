@@ -8,10 +8,13 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from instructcli import files, parallel
+from instructcli import console, files, parallel
 from instructcli.errors import InstructError
 
 
@@ -21,14 +24,36 @@ MANIFEST = "instruct.json"
 FORMAT_VERSION = 1
 
 
-def _quiet_transformers() -> None:
-    import warnings
+# ---------------------------------------------------------------------- bitsandbytes only for --quant
+BITSANDBYTES = "bitsandbytes"
+BITSANDBYTES_CHECKS = (("peft.import_utils", "is_bnb_available"), ("peft.import_utils", "is_bnb_4bit_available"),
+                       ("transformers.utils.import_utils", "is_bitsandbytes_available"))  # each lru_cached
 
-    from transformers.utils import logging as hf_logging
 
-    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not for our users
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+@contextmanager
+def bitsandbytes_if_loaded():
+    """While peft is imported and builds adapters: bitsandbytes looks absent unless something has loaded it.
+    peft imports it whenever it is installed (at its own import, and at every adapter it builds), and that
+    import prints a hub-kernel notice and deprecation warnings and costs 1.6 s of CPU. Only a quantized base
+    holds its layers, and transformers has loaded it for that: then nothing is hidden, and peft wraps them."""
+    if BITSANDBYTES in sys.modules:
+        yield
+        return
+    sys.modules[BITSANDBYTES] = None  # `import` raises ImportError (peft's fallback), find_spec says absent
+    _forget_bitsandbytes_checks()
+    try:
+        yield
+    finally:
+        del sys.modules[BITSANDBYTES]
+        _forget_bitsandbytes_checks()  # "absent", cached inside the window, must not outlive it
+
+
+def _forget_bitsandbytes_checks() -> None:
+    """peft and transformers remember whether bitsandbytes is installed: ask them to look again."""
+    for module, name in BITSANDBYTES_CHECKS:
+        check = getattr(sys.modules.get(module), name, None)
+        if hasattr(check, "cache_clear"):
+            check.cache_clear()
 
 
 # ------------------------------------------------------------------------------------------ where from
@@ -60,11 +85,12 @@ def gguf_to_dir(gguf: Path, log=None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
     if log:
         log(f"converting {gguf.name} to safetensors once (about 30 s); cached in {out}")
+    start = time.monotonic()
     try:
-        q = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        with _gguf_progress():
+            q = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad model file for the user
         raise InstructError(f"{gguf}: cannot load as GGUF: {e}", 2) from None
@@ -78,7 +104,34 @@ def gguf_to_dir(gguf: Path, log=None) -> Path:
     with files.atomic_dir(out) as tmp:  # another process may convert it first: then its copy is kept
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+    if log:
+        log(f"converted {gguf.name} in {time.monotonic() - start:.0f} s")
     return out
+
+
+@contextmanager
+def _gguf_progress():
+    """transformers reads GGUF tensors under a bare tqdm bar of its own, which its progress switch does not
+    reach: our Bar in its place for the conversion."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+
+    bare = getattr(gguf_loading, "tqdm", None)
+    if bare is None:  # another transformers: nothing to replace
+        yield
+        return
+
+    def ours(tensors, desc=None, **_):
+        tensors = list(tensors)
+        with console.Bar(len(tensors), "converting GGUF tensors") as bar:
+            for t in tensors:
+                yield t
+                bar.update()
+
+    gguf_loading.tqdm = ours
+    try:
+        yield
+    finally:
+        gguf_loading.tqdm = bare
 
 
 @dataclass(frozen=True)
@@ -192,12 +245,13 @@ def merged_base(source: Source) -> str:
     if (out / "config.json").is_file():
         return str(out)
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     # building draws random numbers (PEFT initialises each adapter before loading it): keep them off the
     # caller's stream, so a run gives the same result whether or not this cache existed
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), bitsandbytes_if_loaded():
+        from peft import PeftModel
+
         model = AutoModelForCausalLM.from_pretrained(source.base, dtype=torch.float32, use_safetensors=True)
         for d in source.merged:
             model = PeftModel.from_pretrained(model, d).merge_and_unload()
