@@ -18,7 +18,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from instructcli import console, files, parallel
-from instructcli.config import TRACKERS, report_names, to_dict
+from instructcli.checks import TRACKERS, report_names
+from instructcli.config import to_dict
 from instructcli.errors import InstructError
 
 PROJECT = "instruct"  # the W&B (unless WANDB_PROJECT says) and trackio project

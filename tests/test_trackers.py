@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import write_jsonl
-from instructcli import checkpoint, config as C, parallel, trackers
+from instructcli import checkpoint, checks, config as C, parallel, trackers
 from instructcli.errors import InstructError
 
 # found, not imported: trackio reads TRACKIO_DIR when first imported (the `offline` fixture sets it)
@@ -304,7 +304,7 @@ def test_unknown_tracker_and_missing_package_are_one_line_exit_2_writing_nothing
         C.SFTConfig(data="d.jsonl", report_to="trackio")
     assert e.value.exit_code == 2
     assert C.SFTConfig(data="d.jsonl", report_to="").report_to == ""
-    assert C.report_names(" TensorBoard, wandb,,tensorboard ") == ("tensorboard", "wandb")
+    assert checks.report_names(" TensorBoard, wandb,,tensorboard ") == ("tensorboard", "wandb")
 
 
 def test_a_package_found_but_broken_at_import_is_one_line_exit_2(cli, tiny_dir, demos, tmp_path, monkeypatch):
