@@ -53,7 +53,8 @@ def main() -> None:
         for line in Path(path).read_text(encoding="utf-8").splitlines():
             r = json.loads(line)
             s = hallucination.support(r["response"], r["prompt"])  # the prompt: the instruction, then the input
-            rows.append({**r, "share": s.share, "made_up": r["answer"] == "yes"})
+            rows.append({**r, "model": r.get("model") or Path(path).stem, "share": s.share,
+                         "made_up": r["answer"] == "yes"})
     models = sorted({r["model"] for r in rows})
     counts = ", ".join(f"{m}: {sum(r['model'] == m for r in rows)}" for m in models)
     print(f"{len(rows)} answers labelled by hand ({counts}); person's made-up rate "

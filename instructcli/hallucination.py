@@ -66,16 +66,29 @@ def _number(token: str) -> str:
     t = token.replace(",", "") if re.fullmatch(r"\d{1,3}(,\d{3})+(\.\d+)?", token) else token.replace(",", ".")
     if "." in t:
         t = t.rstrip("0").rstrip(".") or "0"
-    return t.lstrip("0") or "0"
+    return re.sub(r"^0+(?=\d)", "", t)  # '07' -> '7', '0.5' stays
+
+
+SUFFIXES = (("ies", "y"), ("ied", "y"), ("ing", ""), ("ed", ""), ("es", ""), ("s", ""), ("ly", ""), ("e", ""),
+            ("y", ""))
+
+
+def _strip_once(w: str) -> str:
+    for suffix, repl in SUFFIXES:
+        if w.endswith(suffix) and len(w) - len(suffix) >= 3:
+            return w[:len(w) - len(suffix)] + repl
+    return w
 
 
 def stem(word: str) -> str:
-    """A light suffix strip, enough to match inflections (councils/council, approved/approves/approve)."""
+    """A light suffix strip, repeated until nothing changes, so inflections meet (councils/council,
+    approved/approve, families/family, classes/class)."""
     w = word.strip("'").removesuffix("'s")
-    for suffix, repl in (("ies", "y"), ("ied", "y"), ("ing", ""), ("ed", ""), ("es", ""), ("s", ""), ("ly", ""),
-                         ("e", "")):
-        if w.endswith(suffix) and len(w) - len(suffix) >= 3:
-            return w[:len(w) - len(suffix)] + repl
+    for _ in range(3):
+        nxt = _strip_once(w)
+        if nxt == w:
+            break
+        w = nxt
     return w
 
 
@@ -96,6 +109,16 @@ def source_keys(text: str) -> set[str]:
 def _opens_sentence(answer: str, start: int) -> bool:
     before = answer[:start].rstrip(" \t")
     return not before or before[-1] in ".!?:;\n-*•(\"'"
+
+
+def _list_marker(answer: str, m) -> bool:
+    """A list item's number: `2)` anywhere (after a space or a line start), or `2.` opening a line or
+    following a sentence's end."""
+    after, before = answer[m.end():m.end() + 2], answer[:m.start()]
+    if re.match(r"\)\s", after) and (not before or before[-1].isspace() or before[-1] == "("):
+        return True
+    line = before.rpartition("\n")[2]
+    return bool(re.match(r"\.\s", after)) and (not line.strip() or bool(re.search(r"[.!?;]\s+$", line)))
 
 
 def content_units(answer: str) -> list[Unit]:
@@ -130,7 +153,8 @@ def content_units(answer: str) -> list[Unit]:
             continue
         close()
         if tok[0].isdigit():
-            units.append(Unit("number", tok, (_key(tok),)))
+            if not _list_marker(answer, m):  # "1." / "2)" opening a list item numbers the answer, not the input
+                units.append(Unit("number", tok, (_key(tok),)))
         elif capital:
             span.append(tok)
             span_opens = _opens_sentence(answer, m.start())

@@ -7,6 +7,7 @@ A rule file is ordinary Python that runs with your permissions: only use your ow
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -71,25 +72,21 @@ def judge_made_up(spec: str, rows: list[dict], labels_path: str = "", quant: str
 
     prompt = lambda r: f"{r['instruction']}\n\n{r['input']}"  # noqa: E731  (the prompt the model answered)
     if spec == "human":
+        # one sample per (task, answer): a new answer to a task (another model or seed) is a new question
+        key = {r["id"]: f"{r['id']}#{hashlib.sha256(r['response'].encode()).hexdigest()[:12]}" for r in rows}
         samples = f"{labels_path}.answers.jsonl"  # what the person is shown, rebuilt from this run's answers
         with files.JsonlWriter(samples) as w:
             for r in rows:
-                w.write({"id": r["id"], "prompt": prompt(r), "responses": [r["response"]], "model": "(hidden)"})
+                w.write({"id": key[r["id"]], "prompt": prompt(r), "responses": [r["response"]], "model": "(hidden)"})
         label.run(samples, labels_path, question=hallucination.QUESTION)
         said = {}
         for line in Path(labels_path).read_text(encoding="utf-8").splitlines() if Path(labels_path).is_file() else []:
             if line.strip():
                 row = json.loads(line)
                 said[str(row["id"])] = row
-        stale = 0
         for r in rows:
-            got = said.get(r["id"])
-            if got is not None and got.get("response") != r["response"]:
-                stale += 1  # an answer about another answer (another model or seed)
-                got = None
+            got = said.get(key[r["id"]])
             r["made_up"] = None if got is None else got["answer"] == "yes"
-        if stale and log:
-            log(f"warning: {labels_path}: {stale} answers were about other responses and are not counted")
         return
     if spec.startswith("rm:"):
         rm, tok, _ = models.load_reward_model(spec[3:], ModelConfig(quant=quant), models.pick_device(), log)

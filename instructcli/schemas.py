@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from instructcli.readers import type_name
@@ -40,7 +41,7 @@ def rename(row: dict, columns: dict[str, str]) -> dict:
     the column keeps its own fields)."""
     if not columns:
         return row
-    out = {k: v for k, v in row.items() if k not in columns.values()}
+    out = dict(row)  # the source's own field stays too: another file of the command may need it by that name
     for ours, theirs in columns.items():
         if theirs in row:
             out[ours] = row[theirs]
@@ -60,7 +61,7 @@ def _sharegpt(turns, key: str = "conversations") -> list[dict]:
         if not isinstance(t, dict):
             raise Bad(f"{key}[{i}]", f"expected an object, got {type_name(t)}")
         who = t.get("from", t.get("role"))
-        if who not in SHAREGPT_ROLES:
+        if not isinstance(who, str) or who not in SHAREGPT_ROLES:
             raise Bad(f"{key}[{i}].from", f"expected one of human, gpt, system, got {who!r}")
         out.append({"role": SHAREGPT_ROLES[who], "content": t.get("value", t.get("content"))})
     return out
@@ -157,9 +158,12 @@ def _ratings(row: dict) -> dict:
                 raise Bad("ratings", f"expected {len(comps)} numbers, one per completion")
             score = ratings[i]
         try:
-            score = float(score)
+            score = float(score) if not isinstance(score, bool) else math.nan
         except (TypeError, ValueError):
-            raise Bad(f"completions[{i}]", f"rating {score!r} is not a number") from None
+            score = math.nan
+        if not math.isfinite(score):
+            raise Bad(f"completions[{i}]", f"rating {c[key] if isinstance(c, dict) else ratings[i]!r} is not a finite "
+                                           "number")
         responses.append(text)
         scores.append(score)
     order = sorted(set(scores), reverse=True)

@@ -231,3 +231,18 @@ def test_sft_on_the_embedded_model_from_parquet_and_from_a_save_to_disk_dir(cli,
         assert r.code == 0, r
         m = json.loads((tmp_path / out / "instruct.json").read_text())
         assert m["data"]["rows"] == len(alpaca)
+
+
+def test_a_non_finite_rating_and_a_bad_sharegpt_role_are_row_errors(tmp_path):
+    f = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "x", "completions": [{"response": "a", "overall_score": "nan"},
+                                                                          {"response": "b", "overall_score": 3}]}])
+    with pytest.raises(DataError, match=r"r.jsonl:1: completions\[0\]: rating 'nan' is not a finite number"):
+        data.load(str(f), "comparisons")
+    g = write_jsonl(tmp_path / "g.jsonl", [{"conversations": [{"from": {"a": 1}, "value": "x"}]}])
+    with pytest.raises(DataError, match=r"g.jsonl:1: conversations\[0\].from: expected one of"):
+        data.load(str(g), "demonstrations")
+
+
+def test_columns_leave_other_files_fields_alone(tmp_path):
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": "Q?", "choices": ["a", "b"], "correct": 0}])
+    assert data.load(str(mc), "mc", columns="prompt=question").records[0].question == "Q?"

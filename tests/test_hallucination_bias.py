@@ -175,7 +175,7 @@ def test_eval_hallucination_by_a_person_resumes(cli, tiny_dir, closed, tmp_path)
     assert (h["judged"], h["made_up"], h["judge"]) == (2, 0.5, "human")
     assert "answer y (yes) or n (no)" in r.err and H.QUESTION in r.err
     said = [json.loads(x) for x in labels.read_text().splitlines()]
-    assert [(x["id"], x["answer"]) for x in said] == [("s1", "yes"), ("q1", "no")]
+    assert [(x["id"].split("#")[0], x["answer"]) for x in said] == [("s1", "yes"), ("q1", "no")]
     r = cli(*args, "-o", tmp_path / "ev", stdin=b"y\n")  # the same answers (same seed): only e1 is asked
     assert r.code == 0, r
     h = json.loads(r.out)["hallucination"]
@@ -244,3 +244,28 @@ def test_label_asks_a_yes_no_question_with_undo_and_skip(tmp_path):
     assert got["labeled"] == 2 and got["skipped"] == 1
     with pytest.raises(Exception, match="for a person"):
         label.run(str(samples), str(out), judge=lambda s: [1.0], question="Made up?")
+
+
+def test_a_new_answer_to_a_task_is_asked_again_not_judged_by_the_old_one(tmp_path, monkeypatch):
+    from instructcli import judge
+
+    labels = tmp_path / "labels.jsonl"
+    row = {"id": "t1", "instruction": "Who came?", "input": "Ann came.", "response": "Ann came.", "ended": True,
+           "made_up": False}
+    monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
+    rows = [dict(row)]
+    judge.judge_made_up("human", rows, str(labels))
+    assert rows[0]["made_up"] is False
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))
+    rows = [dict(row, response="Bob came.")]  # another model's answer to the same task
+    judge.judge_made_up("human", rows, str(labels))
+    assert rows[0]["made_up"] is True and len(labels.read_text().splitlines()) == 2
+
+
+def test_list_numbers_plurals_and_decimal_words_are_not_made_up():
+    src = "List the animals in the text.\n\nThe farm keeps cows, goats and two families of chickens on 0.5 hectares."
+    for answer in ("1. Cows\n2. Goats\n3. Chickens", "1) cows 2) goats 3) chickens", "A family of chickens.",
+                   "Half a hectare."):
+        assert H.support(answer, src).unsupported == [], answer
+    assert H.support("It has 3. Goats too.", src).unsupported == ["3"]  # a number ending a sentence is a number
+    assert H.stem("families") == H.stem("family") and H.stem("classes") == H.stem("class")
