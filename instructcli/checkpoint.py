@@ -79,14 +79,11 @@ def identity(cfg, data: dict[str, tuple[str, str]], source) -> dict:
     input ({role: (path, digest)}: a moved file with the same content is the same input) and the model it
     trains on (the base's fingerprint and the run dirs on it)."""
     from instructcli import sources
-    from instructcli.config import to_dict
+    from instructcli.config import flat_dict
 
     base = "+".join([sources.fingerprint(source)] + [sources.dir_hash(d) for d in source.merged]
                     + ([sources.dir_hash(source.run_dir)] if source.run_dir else []))
-    flat = {}
-    for k, v in to_dict(cfg).items():
-        flat.update(v if isinstance(v, dict) else {k: v})
-    settings = {k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES | INPUTS}
+    settings = {k: v for k, v in flat_dict(cfg).items() if k not in RESUMABLE_CHANGES | INPUTS}
     return json.loads(json.dumps({"settings": settings, "data": data, "base": base}))  # as a checkpoint holds it
 
 

@@ -56,17 +56,14 @@ def _compare(cfg: CompareConfig) -> dict:
     for flag, spec in (("--judge", cfg.judge), ("--hallucination-judge", cfg.hallucination_judge)):
         if not spec or (flag == "--hallucination-judge" and not cfg.hallucination):
             continue
-        if spec.startswith("rm:"):
-            sources.require_rm(sources.resolve(spec[3:], console.log), flag)
-        elif ".py:" in spec:
-            judge.load_rule(spec)
-        elif spec != ("human" if flag == "--judge" else "support"):
+        plain = "human" if flag == "--judge" else "support"  # the judge that is neither a model nor a rule
+        if not spec.startswith("rm:") and ".py:" not in spec and spec != plain:
             raise InstructError(f"{flag} {spec}: expected rm:DIR, path/rule.py:function or human", 2)
+        judge.check_spec(spec, flag, console.log)
     if cfg.prompts and not cfg.judge:
         raise InstructError("--prompts are answered for a win rate: give --judge too", 2)
-    load = lambda path, kind: data.load(path, kind, cfg.skip_invalid, console.warn, cfg.columns, cfg.split) if path else None  # noqa: E731
-    load_all = lambda paths: data.load_all(paths, "bias", cfg.skip_invalid, console.warn, cfg.columns, cfg.split) if paths else None  # noqa
-    prompts, closed, bias_set = load(cfg.prompts, "prompts"), load(cfg.hallucination, "closed"), load_all(cfg.bias)
+    load = lambda path, kind: data.load_option(cfg, path, kind, console.warn)  # noqa: E731
+    prompts, closed, bias_set = load(cfg.prompts, "prompts"), load(cfg.hallucination, "closed"), load(cfg.bias, "bias")
     samples: dict[str, data.Loaded] = {}
     for spec in cfg.items:
         if Path(spec).is_file() or spec == "-":

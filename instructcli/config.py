@@ -458,6 +458,14 @@ def to_dict(cfg) -> dict:
     return asdict(cfg)
 
 
+def flat_dict(cfg) -> dict:
+    """to_dict with the groups (model, train) merged in: each option under its flag's name."""
+    flat = {}
+    for k, v in to_dict(cfg).items():
+        flat.update(v if isinstance(v, dict) else {k: v})
+    return flat
+
+
 def field_help(cls, name: str, f) -> str:
     """A field's help as its command shows it (a stage may word a shared field its own way: HELP)."""
     return getattr(cls, "HELP", {}).get(name) or f.metadata.get("help", "")

@@ -414,3 +414,12 @@ def load_all(paths: str, kind: str, skip_invalid: bool = False, warn: Callable[[
     digest = hashlib.sha256("".join(p.sha256 for p in parts).encode()).hexdigest()
     return Loaded([r for p in parts for r in p.records], ",".join(p.path for p in parts), digest,
                   sum(p.rows for p in parts), sum(p.skipped for p in parts))
+
+
+def load_option(cfg, path: str, kind: str, warn: Callable[[str], None] | None = None) -> Loaded | None:
+    """A command's optional input (None when the flag is not given), read with its --skip-invalid, --columns and
+    --split; bias files may be several, comma-separated (a CrowS-Pairs CSV and Winogender's TSV)."""
+    if not path:
+        return None
+    read = load_all if kind == "bias" else load
+    return read(path, kind, cfg.skip_invalid, warn, cfg.columns, cfg.split)

@@ -101,11 +101,10 @@ def _reference(source: sources.Source, ref: str, mc: ModelConfig, device: str, m
 
 def _load_inputs(cfg: EvalConfig) -> dict:
     """Read every selected file first: bad input stops the run before any model is loaded."""
-    load = lambda path, kind: data.load(path, kind, cfg.skip_invalid, console.warn, cfg.columns, cfg.split) if path else None  # noqa
-    load_all = lambda paths: data.load_all(paths, "bias", cfg.skip_invalid, console.warn, cfg.columns, cfg.split) if paths else None  # noqa
+    load = lambda path, kind: data.load_option(cfg, path, kind, console.warn)  # noqa: E731
     return {"prompts": load(cfg.prompts, "prompts"), "lm": load(cfg.lm_data, "pretraining"),
             "toxicity": load(cfg.toxicity, "prompts"), "truthfulness": load(cfg.truthfulness, "mc"),
-            "hallucination": load(cfg.hallucination, "closed"), "bias": load_all(cfg.bias)}
+            "hallucination": load(cfg.hallucination, "closed"), "bias": load(cfg.bias, "bias")}
 
 
 # ------------------------------------------------------------------------------------------ instruct eval
@@ -123,10 +122,8 @@ def run(cfg: EvalConfig) -> dict:
     if cfg.reward:
         sources.require_rm(sources.resolve(cfg.reward, console.log), "--reward")
     inputs = _load_inputs(cfg)
-    if cfg.hallucination_judge.startswith("rm:") and cfg.hallucination:
-        sources.require_rm(sources.resolve(cfg.hallucination_judge[3:], console.log), "--hallucination-judge")
-    elif ".py:" in cfg.hallucination_judge and cfg.hallucination:
-        judge.load_rule(cfg.hallucination_judge)
+    if cfg.hallucination:
+        judge.check_spec(cfg.hallucination_judge, "--hallucination-judge", console.log)
     labels_path = cfg.hallucination_labels or f"{cfg.out.rstrip('/')}.hallucination-labels.jsonl"
     if cfg.hallucination_judge == "human" and cfg.hallucination:
         files.check_output_file(labels_path)

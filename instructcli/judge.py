@@ -39,6 +39,17 @@ def load_rule(spec: str) -> Callable[[str, str], float]:
     return fn
 
 
+def check_spec(spec: str, flag: str, log=None) -> None:
+    """Refuse a bad judge before any model answers: an rm:DIR that is not a reward model, a rule file that
+    does not load. Other specs (human, support) are left to the caller."""
+    if spec.startswith("rm:"):
+        from instructcli import sources
+
+        sources.require_rm(sources.resolve(spec[3:], log), flag)
+    elif ".py:" in spec:
+        load_rule(spec)
+
+
 def make_judge(spec: str, quant: str = "none", log=None) -> Judge:
     """A function from a samples row to one score per response (higher = better)."""
     if spec.startswith("rm:"):

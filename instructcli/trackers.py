@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 from instructcli import console, files, parallel
 from instructcli.checks import TRACKERS, report_names
-from instructcli.config import to_dict
+from instructcli.config import flat_dict
 from instructcli.errors import InstructError
 
 PROJECT = "instruct"  # the W&B (unless WANDB_PROJECT says) and trackio project
@@ -30,10 +30,8 @@ NON_FINITE = ("nan", "inf", "-inf")
 
 def flat_config(cfg) -> dict:
     """The resolved config with its groups (model, train) merged in, named as the flags are; scalar values."""
-    flat = {}
-    for k, v in to_dict(cfg).items():
-        flat.update(v if isinstance(v, dict) else {k: v})
-    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in flat.items()}
+    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v)
+            for k, v in flat_dict(cfg).items()}
 
 
 def numbers(row: dict) -> dict:
