@@ -16,6 +16,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 OVERFLOWS = ("truncate", "drop", "error")
 SCHEDULES = ("cosine", "linear", "constant")
 OLD_LOGPROBS = ("auto", "rollout", "recompute")
+DECODES = ("auto", "static", "eager")
 POOLS = ("last", "mean")  # what the reward model's head reads (forward.score_features)
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 EXPORT_FORMATS = ("hf", "gguf")
@@ -37,6 +38,8 @@ def arg():
 
 SEED_HELP = "Random seed (runs are deterministic on CPU)."
 QUANT_HELP = "Base weights: none | 8bit | 4bit (bitsandbytes)."
+DECODE_HELP = ("How answers are decoded: static (a static KV cache, each step a replayed CUDA graph on CUDA), eager "
+               "(the step-by-step loop), auto = static on CUDA, eager on CPU.")
 DTYPE_HELP = "auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU, else fp32)."
 
 
@@ -159,6 +162,7 @@ class Generation:
     max_new_tokens: int = opt(128, "Max tokens per response.")
     max_prompt_len: int = opt(512, "Longer prompts keep their last tokens.")
     batch_size: int = opt(8, "Prompts per generate call.", ("--batch-size", "-b"))
+    decode: str = opt("auto", DECODE_HELP)
     seed: int = opt(0, SEED_HELP)
     skip_invalid: bool = opt(False, RUN_HELP["skip_invalid"])
     quiet: bool = opt(False, RUN_HELP["quiet"], QUIET)
@@ -166,6 +170,7 @@ class Generation:
     def __post_init__(self):
         check_sampling(self.temperature, self.top_p)
         check_positive(self, "max_new_tokens", "max_prompt_len", "batch_size")
+        check_choice("decode", self.decode, DECODES)
         _then(Generation, self)
 
 
@@ -272,6 +277,7 @@ class PPOConfig(RunOptions, DataOptions):
     temperature: float = opt(1.0, "Rollout sampling temperature.")
     top_p: float = opt(1.0, "Rollout nucleus sampling.")
     max_new_tokens: int = opt(48, "Max tokens per rollout response.")
+    decode: str = opt("auto", DECODE_HELP)
     max_prompt_len: int = opt(256, "Longer prompts keep their end.")
     max_len: int = opt(512, "Max tokens per pretraining row.")
     missing_eos_penalty: float = opt(0.0, "Subtracted from the score of a response cut off without EOS.")
@@ -290,6 +296,7 @@ class PPOConfig(RunOptions, DataOptions):
         if self.kl < 0 or self.ptx_coef < 0:
             raise InstructError("--kl and --ptx-coef must be >= 0", 2)
         check_choice("old-logprobs", self.old_logprobs, OLD_LOGPROBS)
+        check_choice("decode", self.decode, DECODES)
         if self.rollout_batch_size % self.mini_batch_size:
             raise InstructError("--rollout-batch-size must be a multiple of --mini-batch-size", 2)
         if self.ptx_coef > 0 and not self.ptx_data:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from instructcli import batches, console, data, rlhf, tokens
+from instructcli import batches, console, data, rlhf, static_decode, tokens
 from instructcli.decode_cpu import decode_linears
 
 
 def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
-             max_new_tokens: int, device: str, logprobs: bool = False, on_token=None):
+             max_new_tokens: int, device: str, logprobs: bool = False, on_token=None, decode: str = "eager"):
     """Sample with a KV cache; per prompt, n lists of new token ids, each cut after its first stop token (EOS
     or the chat template's end-of-turn, kept: stopping is one of the policy's actions).
 
@@ -23,7 +23,13 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
     which PPO's log-probs assume, whatever the model's generation_config adds (repetition penalties, top-k).
     And decoding costs less: the KV cache grows in place (_preallocate), and on CPU the linear layers take
     their decode form (decode_linears).
+
+    `decode`: eager (this loop), static (static_decode: a static KV cache, its step a replayed CUDA graph on
+    CUDA), auto (static on CUDA, eager elsewhere). Streaming (`on_token`) is always eager.
     """
+    if on_token is None and (decode == "static" or (decode == "auto" and str(device).startswith("cuda"))):
+        return static_decode.generate(model, tok, prompt_ids, n, temperature, top_p, max_new_tokens, device,
+                                      logprobs)
     batch = batches.collate_prompts(prompt_ids, tok.pad_token_id)  # left-padded: each row's last token is last
     attn = batch["attention_mask"].to(device)
     pos = (attn.cumsum(1) - 1).clamp(min=0)
@@ -142,12 +148,13 @@ def _select_rows(cache, index) -> None:
 
 
 def sample_batches(model, tok, queries: list[list[int]], n: int, temperature: float, top_p: float,
-                   max_new_tokens: int, batch_size: int, seed: int, device: str):
+                   max_new_tokens: int, batch_size: int, seed: int, device: str, decode: str = "eager"):
     """Yield (first prompt index, generate()'s output) batch by batch. Each batch is seeded on its own
     (seed + index), so a prompt's samples do not depend on the batches before it."""
     for b in range(0, len(queries), batch_size):
         torch.manual_seed(seed + b)
-        yield b, generate(model, tok, queries[b:b + batch_size], n, temperature, top_p, max_new_tokens, device)
+        yield b, generate(model, tok, queries[b:b + batch_size], n, temperature, top_p, max_new_tokens, device,
+                          decode=decode)
 
 
 def answer_prompts(model, tok, prompts: data.Loaded, n: int, cfg, seed: int, device: str, label: str):
@@ -159,7 +166,7 @@ def answer_prompts(model, tok, prompts: data.Loaded, n: int, cfg, seed: int, dev
     outs = []
     with console.Bar(len(queries), label) as bar:
         for _, batch in sample_batches(model, tok, queries, n, cfg.temperature, cfg.top_p,
-                                    cfg.max_new_tokens, cfg.batch_size, seed, device):
+                                    cfg.max_new_tokens, cfg.batch_size, seed, device, cfg.decode):
             outs += batch
             bar.update(len(batch))
     return queries, outs

@@ -160,7 +160,7 @@ def train(cfg: PPOConfig) -> Path:
             batch_q = [queries[i] for i in idx]
             nets.use(POLICY)
             out = generate.generate(nets.lm, tok, batch_q, 1, cfg.temperature, cfg.top_p, cfg.max_new_tokens, device,
-                                    logprobs=rollout_logprobs)
+                                    logprobs=rollout_logprobs, decode=cfg.decode)
             out, lp, ent = out if rollout_logprobs else (out, None, None)
             ro = new_rollout(batch_q, [r[0] for r in out], pad_id, device)
             mask = ro.mask

@@ -21,7 +21,7 @@ def run(cfg: SampleConfig) -> int:
     console.log(f"sample: {len(rows)} prompts x {cfg.n} from {mc.model} on {device}")
     with files.JsonlWriter(cfg.out) as out, console.Bar(len(rows), "sample") as bar:
         for b, outs in generate.sample_batches(model, tok, encoded, cfg.n, cfg.temperature, cfg.top_p,
-                                             cfg.max_new_tokens, cfg.batch_size, cfg.seed, device):
+                                             cfg.max_new_tokens, cfg.batch_size, cfg.seed, device, cfg.decode):
             for p, seqs in zip(rows[b:b + cfg.batch_size], outs):
                 row = {"id": p.id, "prompt": p.prompt,
                        "responses": [tok.decode(s, skip_special_tokens=True).strip() for s in seqs],
