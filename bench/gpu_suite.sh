@@ -3,7 +3,9 @@
 #   1. PPO on a 7B-shaped Llama (random weights, bf16, LoRA r 16), 16 rollouts x 256 new tokens, mini-batch 4:
 #      instruct (one shared base; an rm run of 1 step as its reward) against TRL 1.12.0's PPOTrainer
 #      (bench/peer_trl_ppo.py: policy, reward and value as separate models);
-#   2. rollouts: instruct's sampling loop against plain generate (bench/rollout.py), 1B shape, bf16;
+#   2. the decode step at the 7B shape, batch 16, eager against the captured static step (bench/rollout.py
+#      --decode-step), bf16 and 4-bit; rollouts: instruct's eager and static loops against plain generate
+#      (bench/rollout.py), 1B shape, bf16;
 #   3. if time is left: the same PPO pair over a 4-bit base.
 # Results land in $OUT (default /tmp/gpu_suite) as JSON/JSONL and logs.
 #   bash bench/gpu_suite.sh TOKENIZER_DIR           # PY / PEER_PY: interpreters (default python3)
@@ -39,7 +41,15 @@ log "build $SHAPE"; $PY bench/gpu.py build --shape $SHAPE --tokenizer "$TOK" --o
 log "rm, 1 step (the reward and value start for instruct)"
 ours rm data_samples/comparisons.jsonl -m $M -o /tmp/rm_$SHAPE --max-steps 1 -b 1 --max-len 128 --eval-frac 0 \
   --save-every 0 --overwrite -q > "$OUT/rm.log" 2>&1 || tail -5 "$OUT/rm.log"
+log "decode step, $SHAPE bf16, $BATCH rows: eager vs captured (static cache)"
+timeout $(( $(left) > 30 ? 90 : 20 )) $PY bench/rollout.py --model $M --decode-step --batch $BATCH --prompt-len 256 \
+  2>&1 | grep -v Warning | tee -a "$OUT/decode_step.txt"
 ppo_pair bf16 none
+if [ "$(left)" -gt 120 ]; then
+  log "decode step, $SHAPE 4-bit"
+  timeout 90 $PY bench/rollout.py --model $M --quant 4bit --decode-step --batch $BATCH --prompt-len 256 \
+    2>&1 | grep -v Warning | tee -a "$OUT/decode_step.txt"
+fi
 if [ "$(left)" -gt 120 ]; then
   log "rollout bench"
   R1=/tmp/llama_rollout; [ "$SHAPE" = tiny ] && R1=$M || $PY bench/gpu.py build --shape 1b --tokenizer "$TOK" --out $R1

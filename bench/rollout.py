@@ -4,9 +4,14 @@ EOS) for each, median and spread over --reps runs with different seeds, and the 
 
     .venv/bin/python bench/rollout.py [--batch 8] [--max-new-tokens 64] [--n 1] [--reps 5] [--model default]
 
-With --decode-step, instead: ms per decode step (--batch rows after a --prompt-len token prompt, 100) with
+"instruct" is the eager loop (generate.generate, --decode eager); "instruct static" the static KV cache
+(static_decode, --decode static), its step a replayed CUDA graph on CUDA (on CPU the same step, eager).
+
+With --decode-step, instead: ms per decode step (--batch rows after a --prompt-len token prompt, 100). On CPU,
 each of the loop's CPU decode changes on top of the previous (none; W @ x.T linears; the lean LoRA chain;
-the in-place KV cache), alternating, 3 rounds of 20 steps, median.
+the in-place KV cache), alternating, 3 rounds of 20 steps, median. On CUDA, the eager step against the
+captured one, and the step's share of the time it takes to read the weights once at the GPU's bandwidth
+(--bandwidth GB/s).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 
 import torch
 
-from instructcli import batches, data, decode_cpu, generate, models, sources, tokens
+from instructcli import batches, data, decode_cpu, generate, models, sources, static_decode, tokens
 from instructcli.config import ModelConfig
 
 
@@ -62,6 +67,43 @@ def decode_steps(model, rows: int, prompt_len: int) -> None:
         print(f"{k:18s} {statistics.median(v):7.1f} ms  (min {min(v):.1f}, max {max(v):.1f})")
 
 
+def cuda_steps(model, rows: int, prompt_len: int, bandwidth: float, steps: int = 50) -> None:
+    """Eager decode step (our loop's, as transformers runs it) against the captured static one, on CUDA."""
+    ids = torch.randint(100, 1000, (rows, prompt_len), device="cuda")
+    attn = torch.ones_like(ids)
+    kv = generate._cache_name(model)
+    res = {}
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True)[kv]
+        last, mask = ids[:, -1:], torch.ones(rows, prompt_len + 1, dtype=torch.long, device="cuda")
+        for i in range(steps + 5):
+            if i == 5:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            model(input_ids=last, attention_mask=mask, use_cache=True, **{kv: cache})
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
+        torch.cuda.synchronize()
+        res["eager"] = (time.perf_counter() - t0) / steps * 1000
+        dec = static_decode.decoder_for(model, rows, static_decode.cache_len(prompt_len, steps + 8), 1.0, 1.0,
+                                        "cuda", capture=True)
+        dec.prefill(ids, attn)
+        for _ in range(3):
+            dec.step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            dec.step()
+        torch.cuda.synchronize()
+        res["captured" if dec.graph is not None else "static (not captured)"] = (time.perf_counter() - t0) / steps * 1000
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    floor = weight_bytes / (bandwidth * 1e9) * 1000
+    print(f"decode step on {torch.cuda.get_device_name()}, {rows} rows after a {prompt_len}-token prompt; weights "
+          f"{weight_bytes / 1e9:.2f} GB, read once at {bandwidth:.0f} GB/s: {floor:.2f} ms")
+    for k, v in res.items():
+        print(f"{k:24s} {v:7.2f} ms  ({floor / v:.0%} of the bandwidth limit)")
+    print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
@@ -74,6 +116,8 @@ def main() -> None:
     ap.add_argument("--quant", default="none")
     ap.add_argument("--decode-step", action="store_true", help="time one decode step per CPU change instead")
     ap.add_argument("--prompt-len", type=int, default=100, help="--decode-step: tokens in the cache")
+    ap.add_argument("--bandwidth", type=float, default=4800.0, help="--decode-step on CUDA: the GPU's memory "
+                    "bandwidth in GB/s (H200: 4800)")
     a = ap.parse_args()
     device = models.pick_device()
     src = sources.resolve(a.model)
@@ -81,13 +125,19 @@ def main() -> None:
     model = models.trainable_model(src.as_base(), ModelConfig(quant=a.quant), device)  # the PPO policy: LoRA on
     model.eval()
     if a.decode_step:
+        if device == "cuda":
+            return cuda_steps(model, a.batch, a.prompt_len, a.bandwidth)
         return decode_steps(model, a.batch, a.prompt_len)
     rows = data.load("data_samples/prompts.jsonl", "prompts", False, print)
     queries, _ = tokens.encode_prompts(tok, rows, 256)
     prompts = queries[:a.batch]
-    results = {"plain generate": [], "instruct": []}
-    for rep in range(a.reps + 1):  # the first round warms up both
-        for name, fn in (("plain generate", plain_generate), ("instruct", generate.generate)):
+    def static(*args):
+        return generate.generate(*args, decode="static")
+
+    runs = (("plain generate", plain_generate), ("instruct", generate.generate), ("instruct static", static))
+    results = {name: [] for name, _ in runs}
+    for rep in range(a.reps + 1):  # the first round warms up all (and captures the static step)
+        for name, fn in runs:
             torch.manual_seed(rep)
             t0 = time.perf_counter()
             out = fn(model, tok, prompts, a.n, a.temperature, a.top_p, a.max_new_tokens, device)
@@ -98,7 +148,8 @@ def main() -> None:
           f"{a.max_new_tokens} new tokens, T {a.temperature}, top-p {a.top_p}, {a.reps} runs")
     for name, v in results.items():
         print(f"{name:15s} {statistics.median(v):8.1f} tokens/s  (min {min(v):.1f}, max {max(v):.1f})")
-    print(f"ratio {statistics.median(results['instruct']) / statistics.median(results['plain generate']):.2f}x")
+    for name in ("instruct", "instruct static"):
+        print(f"{name} / plain generate: {statistics.median(results[name]) / statistics.median(results['plain generate']):.2f}x")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from instructcli import batches, rlhf, tokens
+from instructcli import batches, console, rlhf, tokens
 
 BUCKET = 64  # cache lengths are rounded up to a multiple of this, so rollouts of similar prompts share a graph
 KEEP = 4  # decoders (caches and graphs) kept per model; the oldest is freed first
@@ -146,7 +146,12 @@ def decoder_for(model, rows: int, length: int, temperature: float, top_p: float,
             pool.pop(next(iter(pool)))
         dec = Decoder(model, rows, length, temperature, top_p, device)
         if capture:
-            dec.capture()
+            try:
+                dec.capture()
+            except Exception as e:  # a kernel that syncs with the host cannot be captured: decode step by step
+                dec.graph = None
+                console.warn(f"decode: the step could not be captured as a CUDA graph ({type(e).__name__}: "
+                             f"{str(e)[:120]}); decoding step by step on the static cache")
     pool[key] = dec  # most recently used last
     return dec
 
