@@ -78,19 +78,31 @@ def over_rollout(ro: Rollout, chunk: int, f) -> list[torch.Tensor]:
     return outs
 
 
-def rm_scores(nets: models.PPOModels, ro: Rollout, pad_id: int, chunk: int) -> torch.Tensor:
-    """The RM's normalised scores of the tokens as sampled: an answer cut off at --max-new-tokens has no
-    end-of-turn token, and the RM (trained with tokens.encode_responses, which reads the score at that token)
-    sees it."""
+def rm_scores_and_values(nets: models.PPOModels, ro: Rollout, pad_id: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RM's normalised scores of the tokens as sampled (an answer cut off at --max-new-tokens has no
+    end-of-turn token, and the RM, trained with tokens.encode_responses, which reads the score at that token,
+    sees it), and the values of every response state (as response_values), from one forward per chunk: reward
+    and value read the same features of the same sequences through different adapters, so each row goes into
+    one batch twice, once through each adapter (peft's mixed-adapter batch; no gradient). Half the forwards,
+    and on a GPU half the kernel launches, of running the two apart."""
     device = ro.tokens.device
-    seqs = [q + r for q, r in zip(ro.queries, ro.responses)]
-    scores = torch.zeros(len(seqs), device=device)
-    nets.use(REWARD)
-    for rows in batches.length_chunks([len(x) for x in seqs], chunk):
-        batch = batches.collate_sequences([seqs[i] for i in rows], pad_id)
-        starts = torch.tensor([len(ro.queries[i]) for i in rows], device=device)
-        scores[rows] = nets.reward.score(batch["input_ids"].to(device), batch["attention_mask"].to(device), starts)
-    return scores
+    scores = torch.zeros(len(ro.queries), device=device)
+    values = torch.zeros(ro.tokens.shape, device=device)
+    for rows in batches.length_chunks([len(q) + len(r) for q, r in zip(ro.queries, ro.responses)], chunk):
+        ids, attn, pos, start = batches.collate_rollout([ro.queries[i] for i in rows],
+                                                        [ro.responses[i] for i in rows], pad_id, device)
+        n = len(rows)
+        with nets.lm._enable_peft_forward_hooks(adapter_names=[REWARD] * n + [VALUE] * n):
+            h = forward.hidden_states(nets.lm, ids.repeat(2, 1), attn.repeat(2, 1), pos.repeat(2, 1),
+                                      layers=nets.layers).float()
+        starts = torch.full((2 * n,), start, device=device)
+        feats = forward.score_features(h, attn.repeat(2, 1), starts, nets.pool)
+        last = rlhf.last_token_index(attn)
+        raw = nets.reward.head(feats[:n][torch.arange(n, device=device), last]).squeeze(-1)
+        scores[rows] = (raw - nets.reward.bias) * nets.reward.scale
+        v = nets.value_head(feats[n:, start - 1:-1]).squeeze(-1)
+        values[rows, :v.shape[1]] = v
+    return scores, values
 
 
 def train(cfg: PPOConfig) -> Path:
@@ -174,8 +186,8 @@ def train(cfg: PPOConfig) -> Path:
                     texts = [tok.decode(x, skip_special_tokens=True).strip() for x in ro.responses]
                     scores = torch.tensor([float(rule(prompts.records[i].prompt, t)) for i, t in zip(idx, texts)],
                                           device=device)
-                else:
-                    scores = rm_scores(nets, ro, pad_id, chunk)
+                else:  # with the values below, from the same forwards
+                    scores, values = rm_scores_and_values(nets, ro, pad_id, chunk)
                 scores = scores - cfg.missing_eos_penalty * (~ended).float()
                 if cfg.reward_clip > 0:
                     scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -188,7 +200,8 @@ def train(cfg: PPOConfig) -> Path:
                 # the reference: the SFT model, which is the base itself with adapters off
                 ref_logprobs = over_rollout(ro, chunk, lambda rows: response_logprobs(
                     nets, ro, rows, pad_id, device, cfg.temperature, reference=True))[0]
-                values = over_rollout(ro, chunk, lambda rows: (response_values(nets, ro, rows, pad_id, device),))[0]
+                if rule:
+                    values = over_rollout(ro, chunk, lambda rows: (response_values(nets, ro, rows, pad_id, device),))[0]
 
                 # 3. rewards (per-token KL penalty + score on the last token) and GAE advantages
                 rewards, kl = rlhf.compute_rewards(scores, logprobs, ref_logprobs, mask, kl_ctl.value)

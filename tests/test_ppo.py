@@ -267,3 +267,41 @@ def test_mean_pooled_rm_and_its_value_head_agree_at_the_start(setup, tmp_path, l
     assert layer == 0 or not torch.allclose(h, full)  # read after the first layer, not the last
     out = ppo.train(cfg(setup, tmp_path / "ppo", reward=str(rm_dir), steps=1, model=C.ModelConfig()))
     assert metrics(out)[-1]["value_loss"] >= 0
+
+
+def test_scores_and_values_from_one_mixed_adapter_forward_equal_the_two_apart(setup, tmp_path):
+    """ppo's scoring phase runs reward and value as one batch through two adapters; each must get exactly what
+    its own forward gives (the value adapter made to differ from the reward one it was copied from, so a row
+    through the wrong adapter shows)."""
+    from instructcli import rm
+
+    d, sft_dir, prompts, _ = setup
+    cmp = write_jsonl(tmp_path / "c.jsonl", [{"prompt": f"Q{i}?", "responses": ["yes yes", "no", "maybe so"],
+                                              "ranks": [1, 3, 2]} for i in range(8)])
+    rm_dir = rm.train(C.RMConfig(data=str(cmp), out=str(tmp_path / "rm"), quiet=True, pool="mean", head_lr=1e-2,
+                                 model=C.ModelConfig(model=str(sft_dir)),
+                                 train=C.TrainConfig(max_steps=3, batch_size=4, eval_frac=0)))
+    m, _ = models.ppo_models(sources.resolve(str(sft_dir)), str(rm_dir), C.ModelConfig(), "cpu")
+    m.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in m.lm.named_parameters():
+            if f".{models.VALUE}." in n and "lora_B" in n:
+                p.normal_(0, 0.5)
+    tok = models.load_tokenizer(sources.resolve(str(sft_dir)))
+    queries = [tokens.encode_prompt(tok, [{"role": "user", "content": q}]) for q in ("Hi?", "Tell me a long one?",
+                                                                                     "Q?", "Why not?", "x")]
+    responses = [tok.encode(r, add_special_tokens=False) for r in ("yes yes", "no", "", "maybe so then", "a")]
+    responses[1].append(tok.eos_token_id)  # one ended answer among cut-off ones
+    ro = ppo.new_rollout(queries, responses, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        scores, values = ppo.rm_scores_and_values(m, ro, tok.pad_token_id, 2)
+        m.use(models.REWARD)
+        apart = torch.stack([m.reward.score(torch.tensor([q + r]), torch.ones(1, len(q + r), dtype=torch.long),
+                                            torch.tensor([len(q)]))[0] for q, r in zip(queries, responses)])
+        m.use(models.VALUE)
+        values_apart = ppo.over_rollout(ro, 2, lambda rows: (ppo.response_values(m, ro, rows, tok.pad_token_id,
+                                                                                 "cpu"),))[0]
+    assert torch.allclose(scores, apart, atol=1e-5), (scores, apart)
+    assert torch.allclose(values * ro.mask, values_apart * ro.mask, atol=1e-5)
+    assert not torch.allclose(values[:, -1], scores)  # the value adapter does differ from the reward one
