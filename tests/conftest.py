@@ -89,6 +89,27 @@ def uniform_dir(tiny_dir, tmp_path_factory) -> Path:
     return uniform
 
 
+@pytest.fixture(scope="module")
+def lm(tiny_dir):
+    """The tiny model as a PPO policy with a non-zero LoRA adapter (decoding must go through it), in eval mode,
+    its tokenizer, and four prompts of different lengths."""
+    import torch
+
+    from instructcli import models, sources
+    from instructcli.config import ModelConfig
+
+    src = sources.resolve(str(tiny_dir))
+    tok = models.load_tokenizer(src)
+    m = models.trainable_model(src.as_base(), ModelConfig(), "cpu")
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    m.eval()
+    prompts = [tok.encode(x) for x in ["hello there", "a", "the quick brown fox jumps over", "say b b b b"]]
+    return m, tok, prompts
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # converted/merged models go to a per-session cache, never the user's

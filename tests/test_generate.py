@@ -7,22 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from instructcli import batches, decode_cpu, forward, generate, models, rlhf, sources, tokens
-from instructcli.config import ModelConfig
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_dir):
-    src = sources.resolve(str(tiny_dir))
-    tok = models.load_tokenizer(src)
-    m = models.trainable_model(src.as_base(), ModelConfig(), "cpu")
-    with torch.no_grad():  # a non-zero adapter: generation must go through it
-        for name, p in m.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    m.eval()
-    prompts = [tok.encode(x) for x in ["hello there", "a", "the quick brown fox jumps over", "say b b b b"]]
-    return m, tok, prompts
+from instructcli import batches, decode_cpu, forward, generate, rlhf, tokens
 
 
 def reference(m, tok, prompts, eos, max_new):

@@ -9,35 +9,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from instructcli import forward, generate, models, rlhf, sources, static_decode
-from instructcli.config import ModelConfig
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_dir):
-    src = sources.resolve(str(tiny_dir))
-    tok = models.load_tokenizer(src)
-    m = models.trainable_model(src.as_base(), ModelConfig(), "cpu")
-    with torch.no_grad():  # a non-zero adapter: decoding must go through it
-        for name, p in m.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    m.eval()
-    prompts = [tok.encode(x) for x in ["hello there", "a", "the quick brown fox jumps over", "say b b b b"]]
-    return m, tok, prompts
-
-
-def stop_tokens_that_end_some_rows(m, tok, prompts, max_new):
-    """Tokens that end some greedy answers early and not others, so rows stop at different steps."""
-    seqs = [g[0] for g in generate.generate(m, tok, prompts, 1, 0.0, 1.0, max_new, "cpu")]
-    return sorted({s[k] for s in seqs for k in (1, 3) if len(s) > k})[:3]
+from instructcli import forward, generate, rlhf, static_decode
+from test_generate import eos_choices  # stop tokens that end some greedy answers early and not others
 
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_greedy_tokens_equal_the_eager_loop_with_rows_stopping_early(lm, n):
     m, tok, prompts = lm
     ragged = 0
-    for eos in stop_tokens_that_end_some_rows(m, tok, prompts, 12):
+    for eos in eos_choices(m, tok, prompts, 12):
         t = SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=eos)
         want = generate.generate(m, t, prompts, n, 0.0, 1.0, 12, "cpu")
         got = static_decode.generate(m, t, prompts, n, 0.0, 1.0, 12, "cpu")
