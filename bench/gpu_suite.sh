@@ -6,7 +6,8 @@
 #   2. the decode step at the 7B shape, batch 16, eager against the captured static step (bench/rollout.py
 #      --decode-step), bf16 and 4-bit; rollouts: instruct's eager and static loops against plain generate
 #      (bench/rollout.py), 1B shape, bf16;
-#   3. if time is left: the same PPO pair over a 4-bit base.
+#   3. PPO's scoring phase, reward and value in one mixed-adapter forward against the two apart (bench/scoring.py);
+#   4. if time is left: the same PPO pair over a 4-bit base.
 # Results land in $OUT (default /tmp/gpu_suite) as JSON/JSONL and logs.
 #   bash bench/gpu_suite.sh TOKENIZER_DIR           # PY / PEER_PY: interpreters (default python3)
 #   SHAPE=tiny STEPS=2 NEW=8 bash bench/gpu_suite.sh .gpu/tok   # a dry run on a CPU
@@ -45,6 +46,11 @@ log "decode step, $SHAPE bf16, $BATCH rows: eager vs captured (static cache)"
 timeout $(( $(left) > 30 ? 90 : 20 )) $PY bench/rollout.py --model $M --decode-step --batch $BATCH --prompt-len 256 \
   2>&1 | grep -v Warning | tee -a "$OUT/decode_step.txt"
 ppo_pair bf16 none
+if [ "$(left)" -gt 120 ]; then
+  log "scoring phase: reward and value in one mixed-adapter forward vs apart"
+  timeout 90 $PY bench/scoring.py --policy $M --reward /tmp/rm_$SHAPE --rollouts $BATCH --max-new-tokens $NEW \
+    --reps 3 2>&1 | grep -v Warning | tee -a "$OUT/scoring.txt"
+fi
 if [ "$(left)" -gt 120 ]; then
   log "decode step, $SHAPE 4-bit"
   timeout 90 $PY bench/rollout.py --model $M --quant 4bit --decode-step --batch $BATCH --prompt-len 256 \
