@@ -256,8 +256,9 @@ class PPOConfig(RunOptions, DataOptions):
                           "--ptx-data (paper 27.8; 0 = plain PPO).")
     ptx_batch_size: int = opt(4, "Pretraining rows per optimisation step.")
     kl: float = opt(0.02, "beta, the per-token KL penalty coefficient (paper 0.02).")
-    target_kl: float = opt(0.0, "> 0: adapt beta toward this KL (nats per response).")
-    horizon: int = opt(10000, "Adaptive KL horizon (rollouts).")
+    target_kl: float = opt(0.0, "> 0: a KL budget (nats per response): beta rises above --kl while the rollouts' "
+                           "KL is over it, and comes back down to --kl, never below (0 = beta fixed at --kl).")
+    horizon: int = opt(10000, "With --target-kl: beta changes by up to 20 % per this many rollouts.")
     # the defaults are what bench/align.py found on the embedded model (ALIGNMENT.md)
     steps: int = opt(30, "PPO iterations (rollout + optimisation).")
     rollout_batch_size: int = opt(8, "Prompts per rollout.")

@@ -132,7 +132,7 @@ def train(cfg: PPOConfig) -> Path:
     policy_params, value_params = nets.param_groups()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)  # as sft and rm (torch's default is 0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    kl_ctl = (rlhf.AdaptiveKLController(cfg.kl, cfg.target_kl, cfg.horizon) if cfg.target_kl > 0
+    kl_ctl = (rlhf.AdaptiveKLController(cfg.kl, cfg.target_kl, cfg.horizon, floor=cfg.kl) if cfg.target_kl > 0
               else rlhf.FixedKLController(cfg.kl))
     # old log-probs from the sampling loop save a forward per step; on a quantized or half-precision base,
     # cached decoding and a full forward differ by more than float noise, so there a full forward, as the update

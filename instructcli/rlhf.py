@@ -194,14 +194,17 @@ def clip_grad_norms(groups: list[list[torch.Tensor]], max_norm: float) -> list[f
 
 
 class AdaptiveKLController:
-    """Ziegler et al. (2019): move kl_coef toward a target KL, proportional error clipped to +-20 %."""
+    """Ziegler et al. (2019): move kl_coef toward a target KL, proportional error clipped to +-20 % (per horizon
+    of rollouts). `floor`: kl_coef never goes below it, so the target acts as a budget: the penalty rises while
+    the KL is over it and returns to the floor, instead of falling early in a run, while the KL is still far below
+    the target, and leaving the policy free to run past it."""
 
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+    def __init__(self, init_kl_coef: float, target: float, horizon: int, floor: float = 0.0):
+        self.value, self.target, self.horizon, self.floor = init_kl_coef, target, horizon, floor
 
     def update(self, current_kl: float, n_steps: int) -> float:
         error = min(max(current_kl / self.target - 1, -0.2), 0.2)
-        self.value *= 1 + error * n_steps / self.horizon
+        self.value = max(self.floor, self.value * (1 + error * n_steps / self.horizon))
         return self.value
 
 

@@ -144,6 +144,17 @@ def test_adaptive_kl_controller():
     assert rlhf.FixedKLController(0.02).update(100.0, 1000) == 0.02
 
 
+def test_adaptive_kl_controller_with_a_floor_is_a_budget():
+    c = rlhf.AdaptiveKLController(0.05, target=6.0, horizon=8, floor=0.05)
+    assert c.update(1.0, 8) == 0.05  # far below the target: stays at the floor, not 0.05 * 0.8
+    assert c.update(12.0, 8) == pytest.approx(0.05 * 1.2)  # over it: up by at most 20 % a horizon
+    assert c.update(12.0, 8) == pytest.approx(0.05 * 1.2 * 1.2)
+    assert c.update(6.6, 4) == pytest.approx(0.05 * 1.44 * 1.05)  # half a horizon, 10 % over
+    for _ in range(20):
+        c.update(0.0, 8)
+    assert c.value == 0.05  # back to the floor, never below
+
+
 def test_kl_to_reference_by_hand():
     ref = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])  # p_ref = (1/2, 1/2) and (3/4, 1/4)
     pol = torch.tensor([[math.log(3.0), 0.0], [math.log(3.0), 0.0]])  # p = (3/4, 1/4) twice
