@@ -148,7 +148,7 @@ def test_ppo_two_processes_run_and_write_once(setup, tiny_dir):
     assert sft.returncode == 0, sft.stderr[-3000:]
     p = launch(["ppo", "--policy", d / "ppo_sft", "--reward", f"{rule}:count_e", "-p", prompts, "--ptx-coef", 0,
                 "--steps", 2, "--rollout-batch-size", 2, "--mini-batch-size", 1, "--max-new-tokens", 4,
-                "--save-every", 1, "-o", d / "ppo2", "-q", *tracker], env, 2)
+                "--kl", 0.02, "--save-every", 1, "-o", d / "ppo2", "-q", *tracker], env, 2)
     assert p.returncode == 0, p.stderr[-3000:]
     out = d / "ppo2"
     assert p.stdout.strip().splitlines() == [str(out)]

@@ -211,13 +211,14 @@ def test_ppo_scores_the_tokens_as_sampled_so_a_cut_off_answer_has_no_end_of_turn
                                  model=C.ModelConfig(model=str(sft_dir)),
                                  train=C.TrainConfig(max_steps=1, batch_size=4, eval_frac=0)))
     scored = []
-    real = models.RewardModel.score
+    real = ppo.rm_scores_and_values
 
-    def spy(self, input_ids, attention_mask, starts=None):
-        scored.extend(ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask))
-        return real(self, input_ids, attention_mask, starts)
+    def spy(nets, ro, pad_id, chunk):  # the reward forward reads each rollout's prompt + response as collated
+        ids, attn, _, _ = batches.collate_rollout(ro.queries, ro.responses, pad_id)
+        scored.extend(x[m.bool()].tolist() for x, m in zip(ids, attn))
+        return real(nets, ro, pad_id, chunk)
 
-    monkeypatch.setattr(models.RewardModel, "score", spy)
+    monkeypatch.setattr(ppo, "rm_scores_and_values", spy)
     ppo.train(cfg(setup, tmp_path / "ppo", reward=str(rm_dir), steps=1, max_new_tokens=3, model=C.ModelConfig()))
     tok = models.load_tokenizer(sources.resolve(str(sft_dir)))
     eot = tokens.end_of_turn_id(tok)
