@@ -136,6 +136,17 @@ def test_captured_step_equals_the_eager_step_on_cuda(lm):
         graph = static_decode.generate(g, tok, prompts, 2, 0.0, 1.0, 12, "cuda", capture=True)
         assert graph == eager
         assert any(d.replays for d in g.__dict__["_instruct_decoders"].values())
+        with torch.no_grad():  # as PPO's optimizer does: the adapters change in place; the kept graph sees it
+            for n, p in g.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(-2.0)
+        after = static_decode.generate(g, tok, prompts, 2, 0.0, 1.0, 12, "cuda", capture=True)
+        assert after == static_decode.generate(g, tok, prompts, 2, 0.0, 1.0, 12, "cuda", capture=False)
+        assert after != graph
+        with torch.no_grad():
+            for n, p in g.named_parameters():
+                if "lora_B" in n:
+                    p.div_(-2.0)
     finally:
         m.to("cpu")
         m.__dict__.pop("_instruct_decoders", None)
