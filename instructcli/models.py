@@ -272,18 +272,23 @@ class RewardModel(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, starts=None):
         """Raw scores; `starts` (B,) is where each row's response begins (needed by pool "mean")."""
+        hidden = hidden_states(self.lm, input_ids, attention_mask, layers=self.layers)
+        return self.read(score_features(hidden.float(), attention_mask, starts, self.pool), attention_mask)
+
+    def read(self, feats, attention_mask):
+        """Raw scores from score_features' (B, T, F) features: the head at each row's last token."""
         from instructcli.rlhf import last_token_index
 
-        hidden = hidden_states(self.lm, input_ids, attention_mask, layers=self.layers)
-        rows, last = torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)
-        if self.pool == "last":
-            return self.head(hidden[rows, last].float()).squeeze(-1)
-        feats = score_features(hidden.float(), attention_mask, starts, self.pool)
-        return self.head(feats[rows, last]).squeeze(-1)
+        rows = torch.arange(feats.size(0), device=feats.device)
+        return self.head(feats[rows, last_token_index(attention_mask)]).squeeze(-1)
+
+    def normalise(self, raw):
+        """(raw score - fitted bias) x fitted scale."""
+        return (raw - self.bias) * self.scale
 
     def score(self, input_ids, attention_mask, starts=None):
-        """Normalised rewards: (raw score - fitted bias) x fitted scale."""
-        return (self.forward(input_ids, attention_mask, starts) - self.bias) * self.scale
+        """Normalised rewards."""
+        return self.normalise(self.forward(input_ids, attention_mask, starts))
 
     def save_pretrained(self, path) -> None:
         from safetensors.torch import save_file

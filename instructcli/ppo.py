@@ -52,9 +52,19 @@ def response_values(nets: models.PPOModels, ro: Rollout, rows: list[int], pad_id
     ids, attn, pos, start = batches.collate_rollout([ro.queries[i] for i in rows], [ro.responses[i] for i in rows],
                                                  pad_id, device)
     nets.use(VALUE)
+    return values_from(nets, state_features(nets, ids, attn, pos, start), start)
+
+
+def state_features(nets: models.PPOModels, ids, attn, pos, start: int) -> torch.Tensor:
+    """What the reward and value heads read at every position of a collated rollout (responses from column
+    `start`): forward.score_features after the RM's layers, through whichever adapter is active."""
     h = forward.hidden_states(nets.lm, ids, attn, pos, layers=nets.layers).float()
-    starts = torch.full((len(rows),), start, device=device)
-    return nets.value_head(forward.score_features(h, attn, starts, nets.pool)[:, start - 1:-1]).squeeze(-1)
+    return forward.score_features(h, attn, torch.full((len(ids),), start, device=ids.device), nets.pool)
+
+
+def values_from(nets: models.PPOModels, feats: torch.Tensor, start: int) -> torch.Tensor:
+    """The value of each state before a response token, from state_features."""
+    return nets.value_head(feats[:, start - 1:-1]).squeeze(-1)
 
 
 def response_logprobs(nets: models.PPOModels, ro: Rollout, rows: list[int], pad_id: int, device: str,
@@ -93,14 +103,9 @@ def rm_scores_and_values(nets: models.PPOModels, ro: Rollout, pad_id: int, chunk
                                                         [ro.responses[i] for i in rows], pad_id, device)
         n = len(rows)
         with nets.lm._enable_peft_forward_hooks(adapter_names=[REWARD] * n + [VALUE] * n):
-            h = forward.hidden_states(nets.lm, ids.repeat(2, 1), attn.repeat(2, 1), pos.repeat(2, 1),
-                                      layers=nets.layers).float()
-        starts = torch.full((2 * n,), start, device=device)
-        feats = forward.score_features(h, attn.repeat(2, 1), starts, nets.pool)
-        last = rlhf.last_token_index(attn)
-        raw = nets.reward.head(feats[:n][torch.arange(n, device=device), last]).squeeze(-1)
-        scores[rows] = (raw - nets.reward.bias) * nets.reward.scale
-        v = nets.value_head(feats[n:, start - 1:-1]).squeeze(-1)
+            feats = state_features(nets, ids.repeat(2, 1), attn.repeat(2, 1), pos.repeat(2, 1), start)
+        scores[rows] = nets.reward.normalise(nets.reward.read(feats[:n], attn))
+        v = values_from(nets, feats[n:], start)
         values[rows, :v.shape[1]] = v
     return scores, values
 
