@@ -81,6 +81,11 @@ def test_a_config_built_in_python_is_checked_as_flags_are():
         C.SampleConfig(top_p=0.0)
     with pytest.raises(InstructError, match="--quant"):
         C.ModelConfig(quant="3bit")
+    for bad in (lambda: C.SampleConfig(decode="fast"),
+                lambda: C.PPOConfig(policy="p", reward="r", prompts="x", ptx_coef=0, decode="graph")):
+        with pytest.raises(InstructError, match="--decode: expected one of auto | static | eager") as e:
+            bad()
+        assert e.value.exit_code == 2
     with pytest.raises(InstructError, match="--eval-frac"):
         C.TrainConfig(eval_frac=1.0)
     with pytest.raises(InstructError, match="--mini-batch-size"):
