@@ -258,6 +258,8 @@ class PPOConfig(RunOptions, DataOptions):
     kl: float = opt(0.02, "beta, the per-token KL penalty coefficient (paper 0.02).")
     target_kl: float = opt(0.0, "> 0: a KL budget (nats per response): beta rises above --kl while the rollouts' "
                            "KL is over it, and comes back down to --kl, never below (0 = beta fixed at --kl).")
+    stop_kl: float = opt(0.0, "> 0: end the run, saving the policy, once the rollouts' KL (nats per response), "
+                         "averaged over the last 3 steps, reaches this budget (0 = run all --steps).")
     horizon: int = opt(10000, "With --target-kl: beta changes by up to 20 % per this many rollouts.")
     # the defaults are what bench/align.py found on the embedded model (ALIGNMENT.md)
     steps: int = opt(30, "PPO iterations (rollout + optimisation).")
@@ -265,6 +267,8 @@ class PPOConfig(RunOptions, DataOptions):
     mini_batch_size: int = opt(8, "Rollouts per optimizer step.")
     ppo_epochs: int = opt(1, "Passes over each rollout batch.")
     lr: float = opt(3e-4, "Learning rate (policy and value adapters).")
+    schedule: str = opt("constant", "constant | linear | cosine: the learning rate over the run's optimizer "
+                        "steps (linear and cosine decay it to 0, as cleanrl's anneal_lr).")
     cliprange: float = opt(0.2, "Policy ratio clip.")
     cliprange_value: float = opt(0.2, "Value clip around the rollout's values.")
     vf_coef: float = opt(0.1, "Value loss weight.")
@@ -294,10 +298,11 @@ class PPOConfig(RunOptions, DataOptions):
             raise InstructError("ppo trains LoRA adapters on a shared frozen base; --full is not supported", 2)
         check_positive(self, "steps", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "lr", "max_new_tokens")
         check_sampling(self.temperature, self.top_p, zero_ok=False)
-        if self.kl < 0 or self.ptx_coef < 0:
-            raise InstructError("--kl and --ptx-coef must be >= 0", 2)
+        if self.kl < 0 or self.ptx_coef < 0 or self.stop_kl < 0:
+            raise InstructError("--kl, --ptx-coef and --stop-kl must be >= 0", 2)
         check_choice("old-logprobs", self.old_logprobs, OLD_LOGPROBS)
         check_choice("decode", self.decode, DECODES)
+        check_choice("schedule", self.schedule, SCHEDULES)
         if self.rollout_batch_size % self.mini_batch_size:
             raise InstructError("--rollout-batch-size must be a multiple of --mini-batch-size", 2)
         if self.ptx_coef > 0 and not self.ptx_data:

@@ -136,7 +136,9 @@ def train(cfg: PPOConfig) -> Path:
     params = [p for p in nets.parameters() if p.requires_grad]
     policy_params, value_params = nets.param_groups()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)  # as sft and rm (torch's default is 0.01)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    total_updates = cfg.steps * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: rlhf.lr_lambda(s, total_updates, 0, cfg.schedule))
     kl_ctl = (rlhf.AdaptiveKLController(cfg.kl, cfg.target_kl, cfg.horizon, floor=cfg.kl) if cfg.target_kl > 0
               else rlhf.FixedKLController(cfg.kl))
     # old log-probs from the sampling loop save a forward per step; on a quantized or half-precision base,
@@ -156,8 +158,10 @@ def train(cfg: PPOConfig) -> Path:
     start, state, metrics = loop.start_or_resume(run, nets, optimizer, scheduler, params, cfg.resume, cfg.seed,
                                                  rollout_size * parallel.world,
                                                  checkpoint.identity(cfg, inputs, policy_source), "rollouts", config=cfg)
+    kl_history = []  # the rollouts' KL per step, for --stop-kl
     if state:
         kl_ctl.value = state["extra"]["kl_coef"]
+        kl_history = state["extra"].get("kl_history", [])
     order = checkpoint.EpochOrder(len(queries), cfg.seed)
     guard = loop.NonFiniteGuard(f"last good checkpoint in {run.ckpt_root}")
 
@@ -277,8 +281,14 @@ def train(cfg: PPOConfig) -> Path:
             bar.update(1, f"score {last['score']:.3f} kl {mean_kl:.3f}")
             console.log(f"step {done}: score {last['score']:.3f} kl {mean_kl:.3f} "
                         f"len {last['response_len']:.1f} ({rollout_s:.1f}s rollout, {last['optimise_s']:.1f}s optimise)")
+            kl_history.append(mean_kl)
+            if rlhf.kl_budget_spent(kl_history, cfg.stop_kl):  # the same on every process: means over all
+                console.log(f"ppo: the rollouts' KL averaged {sum(kl_history[-3:]) / 3:.2f} nats over the last 3 "
+                            f"steps, the --stop-kl budget {cfg.stop_kl}: stopping at step {done} of {cfg.steps}")
+                last["stopped_at_kl_budget"] = True
+                break
             loop.checkpoint_or_stop(run, done, cfg.steps, interrupt, cfg.save_every, cfg.keep_checkpoints, nets,
-                                    optimizer, scheduler, {"kl_coef": kl_ctl.value,
+                                    optimizer, scheduler, {"kl_coef": kl_ctl.value, "kl_history": kl_history,
                                                            "rollouts_per_step": rollout_size * parallel.world}, metrics)
     metrics.close()
 

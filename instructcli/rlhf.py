@@ -193,6 +193,12 @@ def clip_grad_norms(groups: list[list[torch.Tensor]], max_norm: float) -> list[f
     return [torch.nn.utils.clip_grad_norm_(g, max_norm).item() if g else 0.0 for g in groups]
 
 
+def kl_budget_spent(history: list[float], budget: float, window: int = 3) -> bool:
+    """Whether the rollouts' KL (nats per response, one figure per step), averaged over the last `window`
+    steps, has reached `budget`: the mean, because one step's KL over a few rollouts is noisy."""
+    return budget > 0 and len(history) >= window and sum(history[-window:]) / window >= budget
+
+
 class AdaptiveKLController:
     """Ziegler et al. (2019): move kl_coef toward a target KL, proportional error clipped to +-20 % (per horizon
     of rollouts). `floor`: kl_coef never goes below it, so the target acts as a budget: the penalty rises while

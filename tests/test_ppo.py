@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import SAMPLES, write_jsonl
-from instructcli import batches, checkpoint, config as C, data, forward, models, ppo, rlhf, sft, sources, tokens
+from instructcli import batches, checkpoint, config as C, data, forward, loop, models, ppo, rlhf, sft, sources, tokens
 
 LORA = "q_proj,v_proj,lm_head"  # the tiny random model needs its output layer adapted to move quickly
 
@@ -306,3 +306,31 @@ def test_scores_and_values_from_one_mixed_adapter_forward_equal_the_two_apart(se
     assert torch.allclose(scores, apart, atol=1e-5), (scores, apart)
     assert torch.allclose(values * ro.mask, values_apart * ro.mask, atol=1e-5)
     assert not torch.allclose(values[:, -1], scores)  # the value adapter does differ from the reward one
+
+
+@pytest.mark.parametrize("schedule,epochs,want", [
+    ("constant", 1, [1.0] * 4),
+    ("linear", 1, [1.0, 0.75, 0.5, 0.25]),  # 2 steps x 2 mini-batches: 4 updates, decayed to 0 after the last
+    ("linear", 2, [1 - i / 8 for i in range(8)]),  # each PPO epoch is its own update
+])
+def test_ppo_schedule_decays_the_rate_over_every_optimizer_update(setup, tmp_path, monkeypatch, schedule, epochs, want):
+    seen = []
+    real = loop.optimizer_step
+
+    def step(guard, n, loss, norm, optimizer, scheduler):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return real(guard, n, loss, norm, optimizer, scheduler)
+
+    monkeypatch.setattr(loop, "optimizer_step", step)
+    ppo.train(cfg(setup, tmp_path / "ppo", steps=2, schedule=schedule, ppo_epochs=epochs))
+    assert seen == pytest.approx([1e-2 * w for w in want])
+
+
+def test_stop_kl_ends_the_run_once_the_rollouts_kl_averages_the_budget(setup, tmp_path):
+    out = ppo.train(cfg(setup, tmp_path / "ppo", steps=24, rollout_batch_size=16, mini_batch_size=8, stop_kl=0.3))
+    kls = [x["kl"] for x in metrics(out)]
+    assert 3 <= len(kls) < 24, kls  # it stopped early, at the first step whose 3-step mean reached the budget
+    assert sum(kls[-3:]) / 3 >= 0.3 and all(sum(kls[i - 3:i]) / 3 < 0.3 for i in range(3, len(kls)))
+    man = json.loads((out / "instruct.json").read_text())
+    assert man["metrics"]["step"] == len(kls) and man["metrics"]["stopped_at_kl_budget"] is True
+    assert (out / "adapter_model.safetensors").exists()

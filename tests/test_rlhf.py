@@ -30,6 +30,15 @@ def test_lr_schedule():
     assert rlhf.lr_lambda(10, 10, 2, "cosine") == pytest.approx(0.0)
 
 
+def test_kl_budget_is_spent_when_the_last_three_steps_average_it():
+    assert rlhf.kl_budget_spent([1.0, 2.0, 3.0], 2.0)  # mean 2.0 reaches it
+    assert not rlhf.kl_budget_spent([1.0, 2.0, 2.9], 2.0)  # mean 1.97
+    assert not rlhf.kl_budget_spent([9.0, 9.0], 2.0)  # fewer steps than the window
+    assert not rlhf.kl_budget_spent([9.0, 1.0, 1.0, 1.0], 2.0)  # only the last 3 count
+    assert rlhf.kl_budget_spent([0.0, 0.0, 4.0], 1.0, window=1)
+    assert not rlhf.kl_budget_spent([50.0] * 5, 0.0)  # 0 = no budget
+
+
 def ls(x):  # -log sigmoid(x)
     return math.log(1 + math.exp(-x))
 
