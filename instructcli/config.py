@@ -258,12 +258,12 @@ class PPOConfig(RunOptions, DataOptions):
     kl: float = opt(0.02, "beta, the per-token KL penalty coefficient (paper 0.02).")
     target_kl: float = opt(0.0, "> 0: a KL budget (nats per response): beta rises above --kl while the rollouts' "
                            "KL is over it, and comes back down to --kl, never below (0 = beta fixed at --kl).")
-    stop_kl: float = opt(0.0, "> 0: end the run, saving the policy, once the rollouts' KL (nats per response), "
+    stop_kl: float = opt(8.0, "> 0: end the run, saving the policy, once the rollouts' KL (nats per response), "
                          "averaged over the last 3 steps, reaches this budget (0 = run all --steps).")
     horizon: int = opt(10000, "With --target-kl: beta changes by up to 20 % per this many rollouts.")
     # the defaults are what bench/align.py found on the embedded model (ALIGNMENT.md)
     steps: int = opt(30, "PPO iterations (rollout + optimisation).")
-    rollout_batch_size: int = opt(8, "Prompts per rollout.")
+    rollout_batch_size: int = opt(16, "Prompts per rollout.")
     mini_batch_size: int = opt(8, "Rollouts per optimizer step.")
     ppo_epochs: int = opt(1, "Passes over each rollout batch.")
     lr: float = opt(3e-4, "Learning rate (policy and value adapters).")

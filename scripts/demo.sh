@@ -46,7 +46,7 @@ instruct sample "$OUT/sft" -p "$OUT/heldout.jsonl" -n 2 --temperature 1.0 --max-
 
 echo "== 5. ppo: $PPO_STEPS steps of $PPO_BATCH rollouts against the rm (lr $PPO_LR, kl 0.02, plain PPO)" >&2
 instruct ppo --policy "$OUT/sft" --reward "$OUT/rm" -p "$OUT/prompts.jsonl" --ptx-coef 0 --steps "$PPO_STEPS" \
-  --lr "$PPO_LR" \
+  --lr "$PPO_LR" --kl 0.02 --stop-kl 0 \
   --rollout-batch-size "$PPO_BATCH" --mini-batch-size "$PPO_BATCH" \
   --max-new-tokens "$NEW_TOKENS" -o "$OUT/ppo" --overwrite -q >/dev/null
 

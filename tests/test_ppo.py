@@ -29,7 +29,7 @@ def setup(tiny_dir, tmp_path_factory):
 def cfg(setup, out, **kw):
     d, sft_dir, prompts, rule = setup
     base = dict(policy=str(sft_dir), reward=rule, prompts=str(prompts), out=str(out), quiet=True, ptx_coef=0.0,
-                steps=4, rollout_batch_size=8, mini_batch_size=4, max_new_tokens=12, lr=1e-2, save_every=0,
+                steps=4, rollout_batch_size=8, mini_batch_size=4, max_new_tokens=12, lr=1e-2, save_every=0, stop_kl=0.0,
                 model=C.ModelConfig(lora_targets=LORA, lora_dropout=0.0))
     base.update(kw)
     return C.PPOConfig(**base)
