@@ -283,7 +283,8 @@ def train(cfg: PPOConfig) -> Path:
                         f"len {last['response_len']:.1f} ({rollout_s:.1f}s rollout, {last['optimise_s']:.1f}s optimise)")
             kl_history.append(mean_kl)
             if rlhf.kl_budget_spent(kl_history, cfg.stop_kl):  # the same on every process: means over all
-                console.log(f"ppo: the rollouts' KL averaged {sum(kl_history[-3:]) / 3:.2f} nats over the last 3 "
+                w = rlhf.KL_BUDGET_WINDOW
+                console.log(f"ppo: the rollouts' KL averaged {sum(kl_history[-w:]) / w:.2f} nats over the last {w} "
                             f"steps, the --stop-kl budget {cfg.stop_kl}: stopping at step {done} of {cfg.steps}")
                 last["stopped_at_kl_budget"] = True
                 break

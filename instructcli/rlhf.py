@@ -193,7 +193,10 @@ def clip_grad_norms(groups: list[list[torch.Tensor]], max_norm: float) -> list[f
     return [torch.nn.utils.clip_grad_norm_(g, max_norm).item() if g else 0.0 for g in groups]
 
 
-def kl_budget_spent(history: list[float], budget: float, window: int = 3) -> bool:
+KL_BUDGET_WINDOW = 3  # steps whose rollouts' KL ppo --stop-kl averages
+
+
+def kl_budget_spent(history: list[float], budget: float, window: int = KL_BUDGET_WINDOW) -> bool:
     """Whether the rollouts' KL (nats per response, one figure per step), averaged over the last `window`
     steps, has reached `budget`: the mean, because one step's KL over a few rollouts is noisy."""
     return budget > 0 and len(history) >= window and sum(history[-window:]) / window >= budget

@@ -86,6 +86,10 @@ def test_a_config_built_in_python_is_checked_as_flags_are():
         with pytest.raises(InstructError, match="--decode: expected one of auto | static | eager") as e:
             bad()
         assert e.value.exit_code == 2
+    for kw, msg in (({"schedule": "step"}, "--schedule: expected one of"), ({"stop_kl": -1.0}, "--stop-kl must be")):
+        with pytest.raises(InstructError, match=msg) as e:
+            C.PPOConfig(policy="p", reward="r", prompts="x", ptx_coef=0, **kw)
+        assert e.value.exit_code == 2
     with pytest.raises(InstructError, match="--eval-frac"):
         C.TrainConfig(eval_frac=1.0)
     with pytest.raises(InstructError, match="--mini-batch-size"):
