@@ -68,7 +68,7 @@ def damage(ckpt: Path) -> str | None:
 
 # settings a resumed run may change: how long it runs, how often it logs and saves, how it is shown (and to
 # which trackers), and the micro-batching (the examples per step are checked on their own: check_resume)
-RESUMABLE_CHANGES = {"max_steps", "epochs", "steps", "stop_kl", "save_every", "keep_checkpoints", "log_every", "eval_every",
+RESUMABLE_CHANGES = {"max_steps", "epochs", "steps", "stop_kl", "stop_kl_temperature", "save_every", "keep_checkpoints", "log_every", "eval_every",
                      "quiet", "resume", "overwrite", "out", "batch_size", "grad_accum", "auto_batch_size",
                      "report_to"}
 INPUTS = {"data", "prompts", "ptx_data", "norm_data", "reward", "policy", "model", "from_dir"}  # by content, not path

@@ -258,8 +258,11 @@ class PPOConfig(RunOptions, DataOptions):
     kl: float = opt(0.02, "beta, the per-token KL penalty coefficient (paper 0.02).")
     target_kl: float = opt(0.0, "> 0: a KL budget (nats per response): beta rises above --kl while the rollouts' "
                            "KL is over it, and comes back down to --kl, never below (0 = beta fixed at --kl).")
-    stop_kl: float = opt(8.0, "> 0: end the run, saving the policy, once the rollouts' KL (nats per response), "
-                         "averaged over the last 3 steps, reaches this budget (0 = run all --steps).")
+    stop_kl: float = opt(8.0, "> 0: end the run once the KL to SFT (nats per response, at --stop-kl-temperature), "
+                         "averaged over the last 3 steps' rollouts, reaches this budget; the policy that drew "
+                         "those rollouts is saved (0 = run all --steps).")
+    stop_kl_temperature: float = opt(0.7, "The temperature --stop-kl measures the KL at: that of sample, eval and "
+                                     "compare (0.7), so the budget is in the units eval reports.")
     horizon: int = opt(10000, "With --target-kl: beta changes by up to 20 % per this many rollouts.")
     # the defaults are what bench/align.py found on the embedded model (ALIGNMENT.md)
     steps: int = opt(30, "PPO iterations (rollout + optimisation).")
@@ -300,6 +303,7 @@ class PPOConfig(RunOptions, DataOptions):
         check_sampling(self.temperature, self.top_p, zero_ok=False)
         if self.kl < 0 or self.ptx_coef < 0 or self.stop_kl < 0:
             raise InstructError("--kl, --ptx-coef and --stop-kl must be >= 0", 2)
+        check_positive(self, "stop_kl_temperature")
         check_choice("old-logprobs", self.old_logprobs, OLD_LOGPROBS)
         check_choice("decode", self.decode, DECODES)
         check_choice("schedule", self.schedule, SCHEDULES)

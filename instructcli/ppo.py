@@ -68,11 +68,29 @@ def values_from(nets: models.PPOModels, feats: torch.Tensor, start: int) -> torc
 
 
 def response_logprobs(nets: models.PPOModels, ro: Rollout, rows: list[int], pad_id: int, device: str,
-                      temperature: float, reference: bool = False, entropy: bool = False) -> tuple:
-    """(log-probs of rows' response tokens,) or, with `entropy`, (log-probs, entropies); see response_logits."""
-    logits = response_logits(nets, ro, rows, pad_id, device, temperature, reference)
-    lp = rlhf.logprobs_from_logits(logits, ro.tokens[rows, :logits.shape[1]])
-    return (lp, rlhf.entropy_from_logits(logits)) if entropy else (lp,)
+                      temperature: float) -> torch.Tensor:
+    """The policy's log-probs of rows' response tokens (with gradient: the update's); see response_logits."""
+    logits = response_logits(nets, ro, rows, pad_id, device, temperature)
+    return rlhf.logprobs_from_logits(logits, ro.tokens[rows, :logits.shape[1]])
+
+
+def logprobs_and_kl(nets: models.PPOModels, ro: Rollout, rows: list[int], pad_id: int, device: str,
+                    temperature: float, policy: bool, kl_temperature: float) -> tuple:
+    """For rollout rows `rows`, from one forward through each model: the SFT model's log-probs of the response
+    tokens at `temperature`; with `policy`, then the policy's log-probs and entropies (when the sampling loop
+    did not give them); with `kl_temperature` > 0, last, the KL of the policy's next-token distributions from
+    the SFT model's at that temperature at each position (rlhf.tempered_kl: what --stop-kl reads)."""
+    ref = response_logits(nets, ro, rows, pad_id, device, 1.0, reference=True)
+    targets = ro.tokens[rows, :ref.shape[1]]
+    out = (rlhf.logprobs_from_logits(ref / temperature, targets),)
+    if policy or kl_temperature:
+        logits = response_logits(nets, ro, rows, pad_id, device, 1.0)
+        if policy:
+            out += (rlhf.logprobs_from_logits(logits / temperature, targets),
+                    rlhf.entropy_from_logits(logits / temperature))
+        if kl_temperature:
+            out += (rlhf.tempered_kl(logits, ref, kl_temperature),)
+    return out
 
 
 def over_rollout(ro: Rollout, chunk: int, f) -> list[torch.Tensor]:
@@ -158,7 +176,7 @@ def train(cfg: PPOConfig) -> Path:
     start, state, metrics = loop.start_or_resume(run, nets, optimizer, scheduler, params, cfg.resume, cfg.seed,
                                                  rollout_size * parallel.world,
                                                  checkpoint.identity(cfg, inputs, policy_source), "rollouts", config=cfg)
-    kl_history = []  # the rollouts' KL per step, for --stop-kl
+    kl_history = []  # the KL --stop-kl reads, per step
     if state:
         kl_ctl.value = state["extra"]["kl_coef"]
         kl_history = state["extra"].get("kl_history", [])
@@ -200,15 +218,13 @@ def train(cfg: PPOConfig) -> Path:
                 scores = scores - cfg.missing_eos_penalty * (~ended).float()
                 if cfg.reward_clip > 0:
                     scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-                if rollout_logprobs:
-                    logprobs = lp
-                else:
-                    logprobs, ent = over_rollout(ro, chunk, lambda rows: response_logprobs(
-                        nets, ro, rows, pad_id, device, cfg.temperature, entropy=True))
-                entropy = rlhf.masked_mean(ent, mask).item()
                 # the reference: the SFT model, which is the base itself with adapters off
-                ref_logprobs = over_rollout(ro, chunk, lambda rows: response_logprobs(
-                    nets, ro, rows, pad_id, device, cfg.temperature, reference=True))[0]
+                stop_t = cfg.stop_kl_temperature if cfg.stop_kl else 0.0
+                outs = over_rollout(ro, chunk, lambda rows: logprobs_and_kl(
+                    nets, ro, rows, pad_id, device, cfg.temperature, not rollout_logprobs, stop_t))
+                ref_logprobs = outs[0]
+                logprobs, ent = (lp, ent) if rollout_logprobs else outs[1:3]
+                entropy = rlhf.masked_mean(ent, mask).item()
                 if rule:
                     values = over_rollout(ro, chunk, lambda rows: (response_values(nets, ro, rows, pad_id, device),))[0]
 
@@ -220,14 +236,18 @@ def train(cfg: PPOConfig) -> Path:
             if parallel.any_process(not torch.isfinite(scores).all() or not torch.isfinite(advantages).all()):
                 guard.ok(step + 1, float("nan"), 0.0, optimizer)  # warns; aborts after repeated failures
                 continue
+            # the budget is checked before the update, so the policy saved is the one whose KL was measured
+            if cfg.stop_kl:  # the same on every process: a mean over all rollouts
+                kl_history.append(parallel.mean((outs[-1] * mask).sum(1).mean().item())[0])
+            stopping = rlhf.kl_budget_spent(kl_history, cfg.stop_kl)
 
             # 4. optimise: PPO epochs over mini-batches; policy (+ ptx) then value, one optimizer step each
             stats = {k: [] for k in ("policy_loss", "value_loss", "ptx_loss", "grad_norm", "value_grad_norm",
                                      "clipfrac", "approx_kl", "vf_clipfrac")}
-            for _ in range(cfg.ppo_epochs):
+            for _ in range(0 if stopping else cfg.ppo_epochs):
                 for mb in torch.randperm(rollout_size).split(cfg.mini_batch_size):
                     rows = mb.tolist()
-                    new_logprobs = response_logprobs(nets, ro, rows, pad_id, device, cfg.temperature)[0]
+                    new_logprobs = response_logprobs(nets, ro, rows, pad_id, device, cfg.temperature)
                     width = new_logprobs.shape[1]  # the mini-batch's longest response; columns after it are padding
 
                     def cut(x):
@@ -268,7 +288,8 @@ def train(cfg: PPOConfig) -> Path:
                      **{k: sum(v) / len(v) for k, v in stats.items() if v},
                      "response_len": mask.sum(1).mean().item(), "no_eos": (~ended).float().mean().item(),
                      "tokens_per_s": mask.sum().item() / max(rollout_s, 1e-9) * parallel.world,
-                     "rollout_s": rollout_s, "optimise_s": time.time() - t1}
+                     "rollout_s": rollout_s, "optimise_s": time.time() - t1,
+                     **({"kl_stop": kl_history[-1]} if cfg.stop_kl else {})}
             if parallel.world > 1:  # every process updates kl_coef alike
                 local = dict(zip(local, parallel.mean(*local.values())))
             mean_kl = local["kl"]
@@ -281,11 +302,12 @@ def train(cfg: PPOConfig) -> Path:
             bar.update(1, f"score {last['score']:.3f} kl {mean_kl:.3f}")
             console.log(f"step {done}: score {last['score']:.3f} kl {mean_kl:.3f} "
                         f"len {last['response_len']:.1f} ({rollout_s:.1f}s rollout, {last['optimise_s']:.1f}s optimise)")
-            kl_history.append(mean_kl)
-            if rlhf.kl_budget_spent(kl_history, cfg.stop_kl):  # the same on every process: means over all
+            if stopping:
                 w = rlhf.KL_BUDGET_WINDOW
-                console.log(f"ppo: the rollouts' KL averaged {sum(kl_history[-w:]) / w:.2f} nats over the last {w} "
-                            f"steps, the --stop-kl budget {cfg.stop_kl}: stopping at step {done} of {cfg.steps}")
+                console.log(f"ppo: the KL to SFT at T {cfg.stop_kl_temperature} averaged "
+                            f"{sum(kl_history[-w:]) / w:.2f} nats over the last {w} steps' rollouts, the --stop-kl "
+                            f"budget {cfg.stop_kl}: stopping at step {done} of {cfg.steps} without its update, "
+                            f"saving the policy that drew them")
                 last["stopped_at_kl_budget"] = True
                 break
             loop.checkpoint_or_stop(run, done, cfg.steps, interrupt, cfg.save_every, cfg.keep_checkpoints, nets,

@@ -193,12 +193,22 @@ def clip_grad_norms(groups: list[list[torch.Tensor]], max_norm: float) -> list[f
     return [torch.nn.utils.clip_grad_norm_(g, max_norm).item() if g else 0.0 for g in groups]
 
 
-KL_BUDGET_WINDOW = 3  # steps whose rollouts' KL ppo --stop-kl averages
+def tempered_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(p_T || ref_T) at each position of (..., V) next-token logits, both distributions at `temperature`
+    (softmax of logits / T). Summed over a response's positions it is the KL, at T, along that response: what
+    `instruct eval` reports for answers drawn at T, but read from the full distributions, so responses drawn at
+    another temperature (PPO's rollouts) measure it too."""
+    logp = F.log_softmax(logits.float() / temperature, -1)
+    ref_logp = F.log_softmax(ref_logits.float() / temperature, -1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+KL_BUDGET_WINDOW = 3  # steps whose KL ppo --stop-kl averages
 
 
 def kl_budget_spent(history: list[float], budget: float, window: int = KL_BUDGET_WINDOW) -> bool:
-    """Whether the rollouts' KL (nats per response, one figure per step), averaged over the last `window`
-    steps, has reached `budget`: the mean, because one step's KL over a few rollouts is noisy."""
+    """Whether the KL (nats per response, one figure per step), averaged over the last `window` steps, has
+    reached `budget`: the mean, because one step's KL over a few rollouts is noisy."""
     return budget > 0 and len(history) >= window and sum(history[-window:]) / window >= budget
 
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import SAMPLES, write_jsonl
 from instructcli import batches, checkpoint, config as C, data, forward, loop, models, ppo, rlhf, sft, sources, tokens
@@ -326,11 +327,27 @@ def test_ppo_schedule_decays_the_rate_over_every_optimizer_update(setup, tmp_pat
     assert seen == pytest.approx([1e-2 * w for w in want])
 
 
-def test_stop_kl_ends_the_run_once_the_rollouts_kl_averages_the_budget(setup, tmp_path):
+def test_stop_kl_ends_the_run_before_the_update_of_the_step_whose_kl_averages_the_budget(setup, tmp_path):
     out = ppo.train(cfg(setup, tmp_path / "ppo", steps=24, rollout_batch_size=16, mini_batch_size=8, stop_kl=0.3))
-    kls = [x["kl"] for x in metrics(out)]
+    m = metrics(out)
+    kls = [x["kl_stop"] for x in m]  # the KL at --stop-kl-temperature (0.7), from the full distributions
     assert 3 <= len(kls) < 24, kls  # it stopped early, at the first step whose 3-step mean reached the budget
     assert sum(kls[-3:]) / 3 >= 0.3 and all(sum(kls[i - 3:i]) / 3 < 0.3 for i in range(3, len(kls)))
+    assert all(k >= 0 for k in kls)
+    assert "policy_loss" not in m[-1] and all("policy_loss" in x for x in m[:-1])  # that step made no update
     man = json.loads((out / "instruct.json").read_text())
     assert man["metrics"]["step"] == len(kls) and man["metrics"]["stopped_at_kl_budget"] is True
-    assert (out / "adapter_model.safetensors").exists()
+    # the policy saved is the one that drew the last rollouts: that of a run of one step fewer, unbudgeted
+    ref = ppo.train(cfg(setup, tmp_path / "short", steps=len(kls) - 1, rollout_batch_size=16, mini_batch_size=8))
+    a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(ref / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stop_kl_reads_a_kl_that_grows_as_the_temperature_falls(setup, tmp_path):
+    # the same run (the budget never reached), its KL read at T 1.0 and at T 0.5: the sharper distributions
+    # differ more, every step past the first
+    kw = dict(steps=6, rollout_batch_size=16, mini_batch_size=8, stop_kl=1e6)
+    hot = metrics(ppo.train(cfg(setup, tmp_path / "t1", stop_kl_temperature=1.0, **kw)))
+    cold = metrics(ppo.train(cfg(setup, tmp_path / "t05", stop_kl_temperature=0.5, **kw)))
+    assert [x["score"] for x in hot] == [x["score"] for x in cold]  # the measure does not change the run
+    assert all(c["kl_stop"] > h["kl_stop"] > 0 for h, c in zip(hot[1:], cold[1:])), (hot, cold)

@@ -39,6 +39,21 @@ def test_kl_budget_is_spent_when_the_last_three_steps_average_it():
     assert not rlhf.kl_budget_spent([50.0] * 5, 0.0)  # 0 = no budget
 
 
+def test_tempered_kl_is_the_kl_of_both_distributions_at_that_temperature():
+    # policy logits [0, 0] and SFT's [0, ln 3 / 2]; at T 0.5 they are [0, 0] and [0, ln 3]: p = (1/2, 1/2),
+    # q = (1/4, 3/4), KL(p || q) = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3)
+    logits = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])
+    ref = torch.tensor([[[0.0, math.log(3) / 2], [5.0, 5.0]]])
+    kl = rlhf.tempered_kl(logits, ref, 0.5)
+    assert kl.shape == (1, 2)
+    assert kl.tolist()[0] == pytest.approx([0.5 * math.log(4 / 3), 0.0], abs=1e-6)  # a shift of all logits: 0
+    # at T 1 the same logits are p = (1/2, 1/2), q = (1/(1+√3), √3/(1+√3)): a smaller KL than at T 0.5
+    q = torch.tensor([1.0, 3 ** 0.5]) / (1 + 3 ** 0.5)
+    assert rlhf.tempered_kl(logits, ref, 1.0)[0, 0].item() == pytest.approx(float((0.5 * (0.5 / q).log()).sum()),
+                                                                          abs=1e-6)
+    assert rlhf.tempered_kl(logits, ref, 1.0)[0, 0] < kl[0, 0]
+
+
 def ls(x):  # -log sigmoid(x)
     return math.log(1 + math.exp(-x))
 
