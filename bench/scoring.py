@@ -1,6 +1,7 @@
 """PPO's scoring phase: the RM's scores and the values from one mixed-adapter forward per chunk (what ppo runs,
 ppo.rm_scores_and_values) against the two forwards apart (reward adapter, then value adapter), on one rollout
-of the policy. Prints ms per rollout batch, median of --reps, and the ratio.
+of the policy. Prints ms per rollout batch, median of --reps, and the ratio. Then the reference pass
+(ppo.logprobs_and_kl) without and with the KL --stop-kl reads (one more policy forward, no gradient).
 
     .venv/bin/python bench/scoring.py --policy runs/align/sft --reward runs/align/concise/rm [--rollouts 8]
 """
@@ -76,6 +77,21 @@ def main() -> None:
     for k, v in times.items():
         print(f"{k:12s} {statistics.median(v):8.1f} ms  (min {min(v):.1f}, max {max(v):.1f})")
     print(f"apart / mixed: {statistics.median(times['apart']) / statistics.median(times['mixed (ppo)']):.2f}x")
+
+    ref = {"reference only (--stop-kl 0)": 0.0, "reference + stop-kl KL": 0.7}
+    ref_times = {k: [] for k in ref}
+    with torch.no_grad():
+        for rep in range(a.reps + 1):
+            for name, temp in ref.items():
+                sync(device)
+                t0 = time.perf_counter()
+                ppo.over_rollout(ro, a.rollouts, lambda rows: ppo.logprobs_and_kl(
+                    nets, ro, rows, tok.pad_token_id, device, 1.0, False, temp))
+                sync(device)
+                if rep:
+                    ref_times[name].append((time.perf_counter() - t0) * 1000)
+    for k, v in ref_times.items():
+        print(f"{k:30s} {statistics.median(v):8.1f} ms  (min {min(v):.1f}, max {max(v):.1f})")
 
 
 if __name__ == "__main__":
