@@ -97,9 +97,11 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(setup, tmp_path, monk
 
 
 def test_8bit_base_takes_ppo_steps_on_cpu(setup, tmp_path):
-    out = ppo.train(cfg(setup, tmp_path / "q8", steps=2, model=C.ModelConfig(quant="8bit", lora_targets=LORA)))
+    out = ppo.train(cfg(setup, tmp_path / "q8", steps=2, stop_kl=1e6,  # the budget's KL from the recompute
+                        model=C.ModelConfig(quant="8bit", lora_targets=LORA)))
     m = metrics(out)
     assert len(m) == 2 and all(torch.isfinite(torch.tensor([x["policy_loss"], x["value_loss"]])).all() for x in m)
+    assert all(x["kl_stop"] >= 0 for x in m) and m[-1]["kl_stop"] > 0
 
 
 def test_one_copy_of_the_base_weights(setup, tiny_dir):
@@ -159,15 +161,18 @@ def test_reward_model_path_value_initialised_from_rm(setup, tiny_dir, tmp_path, 
 
 def test_old_logprobs_from_the_sampling_loop_match_a_recompute(setup, tmp_path):
     """--old-logprobs rollout (the sampling loop's) and recompute (a policy forward) on a float32 base: the same
-    samples, so the same scores, KL and entropy, step after step; auto picks rollout here."""
-    runs = {mode: metrics(ppo.train(cfg(setup, tmp_path / mode, steps=3, old_logprobs=mode)))
+    samples, so the same scores, KL and entropy, step after step; auto picks rollout here. The budget's KL
+    (--stop-kl, never reached here) comes from an extra policy forward with rollout, from the recompute's own
+    with recompute: the same figure either way."""
+    runs = {mode: metrics(ppo.train(cfg(setup, tmp_path / mode, steps=3, old_logprobs=mode, stop_kl=1e6)))
             for mode in ("rollout", "recompute", "auto")}
     for a, b, c in zip(runs["rollout"], runs["recompute"], runs["auto"]):
         assert a["response_len"] == b["response_len"] and a["score"] == b["score"]
-        for k in ("kl", "entropy", "reward", "policy_loss"):
+        for k in ("kl", "entropy", "reward", "policy_loss", "kl_stop"):
             assert a[k] == pytest.approx(b[k], abs=1e-4), k
         assert a["kl"] == c["kl"] and a["policy_loss"] == c["policy_loss"]
     assert runs["rollout"][0]["kl"] == pytest.approx(0, abs=1e-5) and runs["rollout"][-1]["kl"] != 0
+    assert runs["rollout"][0]["kl_stop"] == pytest.approx(0, abs=1e-5) and runs["rollout"][-1]["kl_stop"] > 0
 
 
 def test_length_chunks():
