@@ -184,8 +184,7 @@ def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Ten
     term. It is the LM loss on text drawn from the reference model, minus that text's entropy
     (E_{x~p_ref}[-log p(x)] = KL(p_ref || p) + H(p_ref)), so it is 0, with a zero gradient, while the policy
     predicts the pretraining text as the SFT model does, and grows only as it drifts."""
-    logp, ref_logp = F.log_softmax(logits.float(), -1), F.log_softmax(ref_logits.float(), -1)
-    return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
+    return tempered_kl(ref_logits, logits, 1.0).mean()
 
 
 def clip_grad_norms(groups: list[list[torch.Tensor]], max_norm: float) -> list[float]:
