@@ -1,0 +1,58 @@
+"""Reward-model settings against one benchmark's rankings: for each rule and each set of `instruct rm` flags,
+train an RM on the rule's (noisy) rankings of the SFT model's samples, score the fresh samples of the held-out
+prompts, and report the accuracy against the rule's noise-free order there (bench/align.py's measure), with the
+RM's own built-in split and its wall time. Only the RM changes; the samples and rankings are a finished
+`bench/align.py` run's.
+
+    python bench/rm_sweep.py runs/align --rules warm,on_topic --flags "" "--epochs 1" "--eval-frac 0"
+
+Prints one table; appends a JSON line per run to BENCH/rm_sweep.jsonl; the commands go to BENCH/commands.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from align import RULES, rm_accuracy, rule_fn, sh  # noqa: E402  (bench/ is scripts, not a package)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bench", type=Path, help="a bench/align.py output dir (its sft, samples and rankings)")
+    ap.add_argument("--rules", default="on_topic,concise,warm")
+    ap.add_argument("--flags", nargs="+", default=[""], help="one quoted set of instruct rm flags per RM")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    log, out = a.bench / "commands.sh", a.bench / "rm_sweep.jsonl"
+    print("| rule | rm flags | RM accuracy, fresh (pairs, prompts) | built-in split | seconds |")
+    print("|---|---|---|---|---|")
+    for name in a.rules.split(","):
+        rule, d = rule_fn(name), a.bench / name
+        for i, flags in enumerate(a.flags):
+            rm = d / f"rm_sweep_{i}"
+            t0 = time.time()
+            sh(log, "rm", d / "rankings.jsonl", "--from", a.bench / "sft", "-o", rm, "--seed", a.seed, "--overwrite",
+               "-q", *shlex.split(flags))
+            seconds = time.time() - t0
+            scored = d / f"scored_sweep_{i}.jsonl"
+            sh(log, "score", rm, a.bench / "samples_heldout.jsonl", "-o", scored, "-q")
+            acc, pairs, prompts = rm_accuracy(scored, rule)
+            split = json.loads((rm / "instruct.json").read_text())["metrics"].get("eval_accuracy")
+            row = {"rule": name, "rm_flags": flags, "rm_accuracy_fresh": acc, "pairs": pairs, "prompts": prompts,
+                   "builtin_split": split, "rm_seconds": seconds, "rules": str(RULES)}
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"| {name} | `{flags or '(defaults)'}` | {acc:.3f} ({pairs}, {prompts}) | "
+                  f"{'—' if split is None else f'{split:.3f}'} | {seconds:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
