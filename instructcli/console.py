@@ -64,6 +64,7 @@ NOISE_WARNINGS = (
 NOISY_LOGGERS = (
     "bitsandbytes.backends.cpu.ops",  # at import on AVX512-BF16 CPUs: an optional hub kernel it cannot fetch
     "bitsandbytes.autograd._functions",  # every 8-bit matmul of float32 inputs: "inputs will be cast to float16"
+    "kernels",  # the package bnb fetches that kernel with: "Skipping publisher trust check ... offline mode"
 )
 QUIET_ENV = {  # read by each library when it is imported: no import here, so `instruct --help` stays instant
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub, and transformers' bars (loading, writing shards)
