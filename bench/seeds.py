@@ -12,12 +12,13 @@ Each file is an `instruct compare` output of one policy against one base (bench/
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from align import rows  # noqa: E402  (bench/ is scripts, not a package)
 from instructcli.stats import bootstrap_ci  # noqa: E402
 
 
@@ -26,8 +27,7 @@ def outcomes(path: Path) -> dict[str, float]:
     if not path.is_file():
         sys.exit(f"{path}: no such file")
     out = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for row in rows(path):
         if len(row["outcomes"]) != 1:
             sys.exit(f"{path}: a compare of one policy against its base is needed, got {len(row['outcomes'])}")
         out[row["id"]] = next(iter(row["outcomes"].values()))
