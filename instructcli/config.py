@@ -268,6 +268,9 @@ class PPOConfig(RunOptions, DataOptions):
     steps: int = opt(30, "PPO iterations (rollout + optimisation).")
     rollout_batch_size: int = opt(16, "Prompts per rollout.")
     mini_batch_size: int = opt(8, "Rollouts per optimizer step.")
+    micro_batch_size: int = opt(8, "Rollouts per forward (scoring, reference and the update), at most "
+                                "--mini-batch-size (0 = --mini-batch-size): a larger mini-batch accumulates its "
+                                "gradient over several, the same update in less memory.")
     ppo_epochs: int = opt(1, "Passes over each rollout batch.")
     lr: float = opt(3e-4, "Learning rate (policy and value adapters).")
     schedule: str = opt("constant", "constant | linear | cosine: the learning rate over the run's optimizer "
@@ -304,6 +307,8 @@ class PPOConfig(RunOptions, DataOptions):
         if self.kl < 0 or self.ptx_coef < 0 or self.stop_kl < 0:
             raise InstructError("--kl, --ptx-coef and --stop-kl must be >= 0", 2)
         check_positive(self, "stop_kl_temperature")
+        if self.micro_batch_size < 0:
+            raise InstructError("--micro-batch-size must be >= 0", 2)
         check_choice("old-logprobs", self.old_logprobs, OLD_LOGPROBS)
         check_choice("decode", self.decode, DECODES)
         check_choice("schedule", self.schedule, SCHEDULES)

@@ -183,7 +183,7 @@ def train(cfg: PPOConfig) -> Path:
     order = checkpoint.EpochOrder(len(queries), cfg.seed)
     guard = loop.NonFiniteGuard(f"last good checkpoint in {run.ckpt_root}")
 
-    pad_id, chunk = tok.pad_token_id, cfg.mini_batch_size
+    pad_id, chunk = tok.pad_token_id, min(cfg.micro_batch_size or cfg.mini_batch_size, cfg.mini_batch_size)
 
     last = {}
     step = start
@@ -246,41 +246,55 @@ def train(cfg: PPOConfig) -> Path:
                                      "clipfrac", "approx_kl", "vf_clipfrac")}
             for _ in range(0 if stopping else cfg.ppo_epochs):
                 for mb in torch.randperm(rollout_size).split(cfg.mini_batch_size):
-                    rows = mb.tolist()
-                    new_logprobs = response_logprobs(nets, ro, rows, pad_id, device, cfg.temperature)
-                    width = new_logprobs.shape[1]  # the mini-batch's longest response; columns after it are padding
+                    mb_rows = mb.tolist()
+                    # the mini-batch's losses are means over its response tokens; a micro-batch adds its share
+                    # (its tokens / the mini-batch's) of that mean, so the summed gradient is the mini-batch's
+                    mb_tokens = mask[mb_rows].sum().clamp(min=1)
+                    parts = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0,
+                             "vf_clipfrac": 0.0}
+                    for part in batches.length_chunks([len(ro.queries[i]) + len(ro.responses[i]) for i in mb_rows],
+                                                      chunk):
+                        rows = [mb_rows[j] for j in part]
+                        share = (mask[rows].sum() / mb_tokens).item()
+                        new_logprobs = response_logprobs(nets, ro, rows, pad_id, device, cfg.temperature)
+                        width = new_logprobs.shape[1]  # these rows' longest response; columns after it are padding
 
-                    def cut(x):
-                        return x[rows, :width]
+                        def cut(x):
+                            return x[rows, :width]
 
-                    pg_loss, pg_stats = rlhf.policy_loss(new_logprobs, cut(logprobs), cut(advantages), cut(mask),
-                                                         cfg.cliprange)
+                        pg_loss, pg_stats = rlhf.policy_loss(new_logprobs, cut(logprobs), cut(advantages),
+                                                             cut(mask), cfg.cliprange)
+                        (share * pg_loss).backward()
+                        del new_logprobs
+                        vpred = response_values(nets, ro, rows, pad_id, device)
+                        vf_loss, vf_stats = rlhf.value_loss(vpred, cut(values), cut(returns), cut(mask),
+                                                            cfg.cliprange_value)
+                        (share * cfg.vf_coef * vf_loss).backward()
+                        for k, v in (("policy_loss", pg_loss.item()), ("value_loss", vf_loss.item()),
+                                     *pg_stats.items(), *vf_stats.items()):
+                            parts[k] += share * v
                     ptx_loss = torch.zeros((), device=device)
                     if ptx_set:  # the pretraining term: KL from the SFT model's predictions of the text
                         pick = torch.randint(len(ptx_set), (cfg.ptx_batch_size,)).tolist()
                         pb = batches.collate([ptx_set[i] for i in pick], pad_id)
                         pb = [pb[k].to(device) for k in ("input_ids", "attention_mask", "labels")]
+                        nets.use(POLICY)
                         ptx_logits, _ = forward.labelled_logits(nets.lm, *pb)
                         with torch.no_grad(), nets.lm.disable_adapter():
                             ref_ptx_logits, _ = forward.labelled_logits(nets.lm, *pb)
                         ptx_loss = rlhf.kl_to_reference(ptx_logits, ref_ptx_logits)
                         del ptx_logits, ref_ptx_logits
-                    (pg_loss + cfg.ptx_coef * ptx_loss).backward()
-                    vpred = response_values(nets, ro, rows, pad_id, device)
-                    vf_loss, vf_stats = rlhf.value_loss(vpred, cut(values), cut(returns), cut(mask),
-                                                        cfg.cliprange_value)
-                    (cfg.vf_coef * vf_loss).backward()
+                        (cfg.ptx_coef * ptx_loss).backward()
                     parallel.sync_grads(params, average=True)  # each process's mini-batch counts the same
-                    total = parallel.mean(pg_loss.item() + cfg.ptx_coef * ptx_loss.item()
-                                          + cfg.vf_coef * vf_loss.item())[0]
+                    total = parallel.mean(parts["policy_loss"] + cfg.ptx_coef * ptx_loss.item()
+                                          + cfg.vf_coef * parts["value_loss"])[0]
                     grad_norm, value_grad_norm = rlhf.clip_grad_norms([policy_params, value_params],
                                                                       cfg.max_grad_norm)
                     if loop.optimizer_step(guard, step + 1, total, grad_norm + value_grad_norm, optimizer,
                                            scheduler) is None:
                         continue
-                    for k, v in (("policy_loss", pg_loss.item()), ("value_loss", vf_loss.item()),
-                                 ("ptx_loss", ptx_loss.item()), ("grad_norm", grad_norm),
-                                 ("value_grad_norm", value_grad_norm), *pg_stats.items(), *vf_stats.items()):
+                    for k, v in (*parts.items(), ("ptx_loss", ptx_loss.item()), ("grad_norm", grad_norm),
+                                 ("value_grad_norm", value_grad_norm)):
                         stats[k].append(v)
             # metrics and the KL controller use means over all processes' rollouts
             local = {"score": scores.mean().item(), "reward": rewards.sum(1).mean().item(),

@@ -76,6 +76,35 @@ def test_ptx_keeps_the_lm_loss_lower_than_plain_ppo(setup, tmp_path):
     assert lm_loss(mixed, ptx_text, None) < lm_loss(plain, ptx_text, None)
 
 
+def test_micro_batches_accumulate_the_same_update_as_one_mini_batch(setup, tmp_path):
+    """A mini-batch of 4 run as micro-batches of 1 (unequal lengths, so unequal token shares) takes the same
+    optimizer step as one forward of 4: each micro-batch adds its share of the mini-batch's token mean."""
+    ptx = dict(ptx_coef=1.0, ptx_data=str(SAMPLES / "pretrain.jsonl"))
+    whole = ppo.train(cfg(setup, tmp_path / "whole", steps=2, micro_batch_size=4, **ptx))
+    micro = ppo.train(cfg(setup, tmp_path / "micro", steps=2, micro_batch_size=1, **ptx))
+    wa, wb = load_file(str(whole / "adapter_model.safetensors")), load_file(str(micro / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4), k
+    for x, y in zip(metrics(whole), metrics(micro)):
+        for k in ("policy_loss", "value_loss", "ptx_loss", "grad_norm", "value_grad_norm", "clipfrac", "approx_kl"):
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (k, x["step"])
+    assert metrics(whole)[-1]["grad_norm"] > 0
+
+
+def test_ptx_term_runs_through_the_policy_adapter(setup, tmp_path, monkeypatch):
+    seen = []
+    real = forward.labelled_logits
+
+    def spy(model, *a, **kw):
+        seen.append(model.active_adapter)
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(forward, "labelled_logits", spy)
+    ppo.train(cfg(setup, tmp_path / "ptx", steps=1, ptx_coef=1.0, ptx_data=str(SAMPLES / "pretrain.jsonl")))
+    assert seen and set(seen) == {ppo.POLICY}, seen
+
+
 def test_resume_after_a_crash_matches_an_uninterrupted_run(setup, tmp_path, monkeypatch):
     a = ppo.train(cfg(setup, tmp_path / "a", steps=4, save_every=2))
     original = checkpoint.RunDir.save_checkpoint
