@@ -304,11 +304,9 @@ class PPOConfig(RunOptions, DataOptions):
             raise InstructError("ppo trains LoRA adapters on a shared frozen base; --full is not supported", 2)
         check_positive(self, "steps", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "lr", "max_new_tokens")
         check_sampling(self.temperature, self.top_p, zero_ok=False)
-        if self.kl < 0 or self.ptx_coef < 0 or self.stop_kl < 0:
-            raise InstructError("--kl, --ptx-coef and --stop-kl must be >= 0", 2)
+        if self.kl < 0 or self.ptx_coef < 0 or self.stop_kl < 0 or self.micro_batch_size < 0:
+            raise InstructError("--kl, --ptx-coef, --stop-kl and --micro-batch-size must be >= 0", 2)
         check_positive(self, "stop_kl_temperature")
-        if self.micro_batch_size < 0:
-            raise InstructError("--micro-batch-size must be >= 0", 2)
         check_choice("old-logprobs", self.old_logprobs, OLD_LOGPROBS)
         check_choice("decode", self.decode, DECODES)
         check_choice("schedule", self.schedule, SCHEDULES)

@@ -27,6 +27,12 @@ class Rollout(NamedTuple):
     mask: torch.Tensor  # (B, R) 1.0 on response tokens
 
 
+def row_chunks(ro: Rollout, rows: list[int], size: int) -> list[list[int]]:
+    """Rollout rows `rows`, `size` at a time, in order of prompt + response length (little padding)."""
+    lengths = [len(ro.queries[i]) + len(ro.responses[i]) for i in rows]
+    return [[rows[j] for j in part] for part in batches.length_chunks(lengths, size)]
+
+
 def new_rollout(queries: list[list[int]], responses: list[list[int]], pad_id: int, device: str) -> Rollout:
     ids, attn, _, start = batches.collate_rollout(queries, responses, pad_id, device)
     return Rollout(queries, responses, ids[:, start:], attn[:, start:].float())
@@ -98,7 +104,7 @@ def over_rollout(ro: Rollout, chunk: int, f) -> list[torch.Tensor]:
     rows of similar length (little padding, bounded memory); returned as (B, R) tensors in rollout order, 0
     past each response."""
     outs = None
-    for rows in batches.length_chunks([len(q) + len(r) for q, r in zip(ro.queries, ro.responses)], chunk):
+    for rows in row_chunks(ro, list(range(len(ro.queries))), chunk):
         ys = f(rows)
         outs = outs or [torch.zeros(ro.tokens.shape, device=ro.tokens.device) for _ in ys]
         for out, y in zip(outs, ys):
@@ -116,7 +122,7 @@ def rm_scores_and_values(nets: models.PPOModels, ro: Rollout, pad_id: int, chunk
     device = ro.tokens.device
     scores = torch.zeros(len(ro.queries), device=device)
     values = torch.zeros(ro.tokens.shape, device=device)
-    for rows in batches.length_chunks([len(q) + len(r) for q, r in zip(ro.queries, ro.responses)], chunk):
+    for rows in row_chunks(ro, list(range(len(ro.queries))), chunk):
         ids, attn, pos, start = batches.collate_rollout([ro.queries[i] for i in rows],
                                                         [ro.responses[i] for i in rows], pad_id, device)
         n = len(rows)
@@ -189,7 +195,7 @@ def train(cfg: PPOConfig) -> Path:
     step = start
     oom = loop.OutOfMemory(lambda: (
         f"at step {step + 1} with --rollout-batch-size {rollout_size}, --mini-batch-size {cfg.mini_batch_size}, "
-        f"--max-new-tokens "
+        f"--micro-batch-size {chunk}, --max-new-tokens "
         f"{cfg.max_new_tokens}: try smaller ones, --quant 8bit, or --ptx-batch-size below {cfg.ptx_batch_size}"))
     with loop.Interrupt() as interrupt, console.Bar(cfg.steps, "ppo", completed=start) as bar, oom:
         for step in range(start, cfg.steps):
@@ -252,9 +258,7 @@ def train(cfg: PPOConfig) -> Path:
                     mb_tokens = mask[mb_rows].sum().clamp(min=1)
                     parts = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0,
                              "vf_clipfrac": 0.0}
-                    for part in batches.length_chunks([len(ro.queries[i]) + len(ro.responses[i]) for i in mb_rows],
-                                                      chunk):
-                        rows = [mb_rows[j] for j in part]
+                    for rows in row_chunks(ro, mb_rows, chunk):
                         share = (mask[rows].sum() / mb_tokens).item()
                         new_logprobs = response_logprobs(nets, ro, rows, pad_id, device, cfg.temperature)
                         width = new_logprobs.shape[1]  # these rows' longest response; columns after it are padding

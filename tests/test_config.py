@@ -86,7 +86,9 @@ def test_a_config_built_in_python_is_checked_as_flags_are():
         with pytest.raises(InstructError, match="--decode: expected one of auto | static | eager") as e:
             bad()
         assert e.value.exit_code == 2
-    for kw, msg in (({"schedule": "step"}, "--schedule: expected one of"), ({"stop_kl": -1.0}, "--stop-kl must be"),
+    for kw, msg in (({"schedule": "step"}, "--schedule: expected one of"),
+                    ({"stop_kl": -1.0}, "--stop-kl and --micro-batch-size must be"),
+                    ({"micro_batch_size": -1}, "--micro-batch-size must be >= 0"),
                     ({"stop_kl_temperature": 0.0}, "--stop-kl-temperature")):
         with pytest.raises(InstructError, match=msg) as e:
             C.PPOConfig(policy="p", reward="r", prompts="x", ptx_coef=0, **kw)

@@ -86,7 +86,7 @@ def test_ppo_out_of_memory_names_its_sizes(cli, tiny_dir, files, tmp_path, monke
     r = cli("ppo", "--policy", s, "--reward", f"{rule}:f", "-p", prompts, "--ptx-coef", 0, "--steps", 1,
             "--rollout-batch-size", 4, "--mini-batch-size", 2, "-o", tmp_path / "ppo", "-q")
     assert r.code == 1, r
-    assert "out of memory at step 1 with --rollout-batch-size 4, --mini-batch-size 2" in r.err
+    assert "out of memory at step 1 with --rollout-batch-size 4, --mini-batch-size 2, --micro-batch-size 2" in r.err
     assert not (tmp_path / "ppo").exists()
 
 
