@@ -42,7 +42,15 @@ def sh(log: Path, *args) -> str:
 
 
 def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A JSONL file's rows (blank lines skipped); a line that is not JSON stops the script with file:line."""
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: not a JSON line ({e.msg})") from None
+    return out
 
 
 def rule_fn(name: str):

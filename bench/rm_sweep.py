@@ -5,6 +5,7 @@ RM's own built-in split and its wall time. Only the RM changes; the samples and 
 `bench/align.py` run's.
 
     python bench/rm_sweep.py runs/align --rules warm,on_topic --flags "" "--epochs 1" "--eval-frac 0"
+    python bench/rm_sweep.py runs/align --extra data_samples/comparisons.jsonl   # the rankings plus other data
 
 Prints one table; appends a JSON line per run to BENCH/rm_sweep.jsonl; the commands go to BENCH/commands.sh.
 """
@@ -29,6 +30,8 @@ def main() -> None:
     ap.add_argument("--rules", default="on_topic,concise,warm")
     ap.add_argument("--flags", nargs="+", default=[""], help="one quoted set of instruct rm flags per RM")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extra", type=Path, help="also train on this file's rankings (e.g. data_samples/"
+                    "comparisons.jsonl), after the rule's own")
     a = ap.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     log, out = a.bench / "commands.sh", a.bench / "rm_sweep.jsonl"
@@ -36,21 +39,25 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name in a.rules.split(","):
         rule, d = rule_fn(name), a.bench / name
+        data = d / "rankings.jsonl"
+        if a.extra:
+            data = d / f"rankings_plus_{a.extra.stem}.jsonl"
+            data.write_text((d / "rankings.jsonl").read_text() + a.extra.read_text())
         for i, flags in enumerate(a.flags):
             rm = d / f"rm_sweep_{i}"
             t0 = time.time()
-            sh(log, "rm", d / "rankings.jsonl", "--from", a.bench / "sft", "-o", rm, "--seed", a.seed, "--overwrite",
+            sh(log, "rm", data, "--from", a.bench / "sft", "-o", rm, "--seed", a.seed, "--overwrite",
                "-q", *shlex.split(flags))
             seconds = time.time() - t0
             scored = d / f"scored_sweep_{i}.jsonl"
             sh(log, "score", rm, a.bench / "samples_heldout.jsonl", "-o", scored, "-q")
             acc, pairs, prompts = rm_accuracy(scored, rule)
             split = json.loads((rm / "instruct.json").read_text())["metrics"].get("eval_accuracy")
-            row = {"rule": name, "rm_flags": flags, "rm_accuracy_fresh": acc, "pairs": pairs, "prompts": prompts,
+            row = {"rule": name, "rm_flags": flags, "data": str(data), "rm_accuracy_fresh": acc, "pairs": pairs, "prompts": prompts,
                    "builtin_split": split, "rm_seconds": seconds, "rules": str(RULES)}
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"| {name} | `{flags or '(defaults)'}` | {acc:.3f} ({pairs}, {prompts}) | "
+            print(f"| {name} | `{flags or '(defaults)'}`{' + ' + a.extra.name if a.extra else ''} | {acc:.3f} ({pairs}, {prompts}) | "
                   f"{'—' if split is None else f'{split:.3f}'} | {seconds:.0f} |", flush=True)
 
 

@@ -20,43 +20,48 @@ PPO_BATCH=${DEMO_PPO_BATCH:-8}       # rollouts per iteration
 HELDOUT=${DEMO_HELDOUT:-48}          # held-out prompts the judge compares SFT and PPO on
 LABELER=${DEMO_LABELER:-data_samples/labeler.py:prefer}
 mkdir -p "$OUT"
-start=$(date +%s)
+start=$(date +%s); last=""
+stage() {  # each stage's heading, after the seconds the one before it took
+  local now; now=$(date +%s)
+  [ -z "$last" ] || echo "   ($(( now - last )) s)" >&2
+  last=$now; echo "== $*" >&2
+}
 head -n "$PROMPTS" data_samples/prompts.jsonl > "$OUT/prompts.jsonl"
 head -n "$HELDOUT" data_samples/prompts_heldout.jsonl > "$OUT/heldout.jsonl"
 
-echo "== 1. sft: $SFT_STEPS steps on data_samples/demonstrations.jsonl" >&2
+stage "1. sft: $SFT_STEPS steps on data_samples/demonstrations.jsonl"
 instruct sft data_samples/demonstrations.jsonl -o "$OUT/sft" --max-steps "$SFT_STEPS" -b 4 \
   --eval-every 8 --save-every 0 --overwrite -q >/dev/null
 
-echo "== 2. sample: $K answers of the SFT model to each of $PROMPTS training prompts" >&2
+stage "2. sample: $K answers of the SFT model to each of $PROMPTS training prompts"
 instruct sample "$OUT/sft" -p "$OUT/prompts.jsonl" -n "$K" --temperature 1.0 --max-new-tokens "$NEW_TOKENS" \
   -o "$OUT/samples.jsonl" -q >/dev/null
 
-echo "== 3. label: ranked by the simulated labeler $LABELER (10 % adjacent swaps; it stands in for people:" \
-  "\`instruct label $OUT/samples.jsonl -o FILE\` lets you rank them yourself)" >&2
+stage "3. label: ranked by the simulated labeler $LABELER (10 % adjacent swaps; it stands in for people:" \
+  "\`instruct label $OUT/samples.jsonl -o FILE\` lets you rank them yourself)"
 rm -f "$OUT/rankings.jsonl" "$OUT/rankings.jsonl.skipped"
 instruct label "$OUT/samples.jsonl" -o "$OUT/rankings.jsonl" --judge "$LABELER" --noise 0.1 >/dev/null
 
-echo "== 4. rm: on those rankings, from the sft model ($RM_EPOCHS epochs)" >&2
+stage "4. rm: on those rankings, from the sft model ($RM_EPOCHS epochs)"
 instruct rm "$OUT/rankings.jsonl" --from "$OUT/sft" -o "$OUT/rm" --epochs "$RM_EPOCHS" --eval-frac 0 \
   --overwrite -q >/dev/null
 # the RM on answers to prompts it never saw: 2 fresh SFT answers per held-out prompt, ranked by the labeler
 instruct sample "$OUT/sft" -p "$OUT/heldout.jsonl" -n 2 --temperature 1.0 --max-new-tokens "$NEW_TOKENS" \
   --seed 1 -o - -q | instruct score "$OUT/rm" - -o "$OUT/rm_fresh.jsonl" -q >/dev/null
 
-echo "== 5. ppo: $PPO_STEPS steps of $PPO_BATCH rollouts against the rm (lr $PPO_LR, kl 0.02, plain PPO)" >&2
+stage "5. ppo: $PPO_STEPS steps of $PPO_BATCH rollouts against the rm (lr $PPO_LR, kl 0.02, plain PPO)"
 instruct ppo --policy "$OUT/sft" --reward "$OUT/rm" -p "$OUT/prompts.jsonl" --ptx-coef 0 --steps "$PPO_STEPS" \
   --lr "$PPO_LR" --kl 0.02 --stop-kl 0 \
   --rollout-batch-size "$PPO_BATCH" --mini-batch-size "$PPO_BATCH" \
   --max-new-tokens "$NEW_TOKENS" -o "$OUT/ppo" --overwrite -q >/dev/null
 
-echo "== 6. compare: PPO against SFT on $HELDOUT held-out prompts, judged by the labeler (not the rm)" >&2
+stage "6. compare: PPO against SFT on $HELDOUT held-out prompts, judged by the labeler (not the rm)"
 instruct compare "$OUT/sft" "$OUT/ppo" -p "$OUT/heldout.jsonl" --judge "$LABELER" --max-new-tokens "$NEW_TOKENS" \
   -o "$OUT/compare.jsonl" -q > "$OUT/compare.json"
 instruct eval "$OUT/ppo" -p "$OUT/heldout.jsonl" --max-new-tokens "$NEW_TOKENS" --overwrite -o "$OUT/eval_ppo" \
   -q > /dev/null
 
-echo "== done in $(( $(date +%s) - start )) s" >&2
+stage "done in $(( $(date +%s) - start )) s"
 python - "$OUT" "$LABELER" <<'PY'
 import importlib.util, json, statistics, sys
 out, labeler = sys.argv[1], sys.argv[2]

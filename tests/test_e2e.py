@@ -3,6 +3,7 @@ ppo -> compare by the labeler, the real CLI) on the embedded model, at tiny size
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,7 @@ def test_demo_script_on_the_embedded_model(tmp_path):
     assert cmp["judge"] == "data_samples/labeler.py:prefer" and cmp["prompts"] == 3
     assert "win rate vs SFT, judged by prefer" in r.stdout and "KL to SFT" in r.stdout
     assert "rm accuracy on fresh answers to 3 unseen prompts" in r.stdout
+    # each of the 6 stages' seconds follows its heading on stderr, and they add up to the total
+    took = [int(s) for s in re.findall(r"^   \((\d+) s\)$", r.stderr, re.M)]
+    total = int(re.search(r"^== done in (\d+) s$", r.stderr, re.M).group(1))
+    assert len(took) == 6 and abs(sum(took) - total) <= 1
