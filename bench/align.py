@@ -48,8 +48,9 @@ def rows(path: Path) -> list[dict]:
         if line.strip():
             try:
                 out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n}: not a JSON line ({e.msg})") from None
+            except json.JSONDecodeError as e:  # bad input: one line naming file:line, exit 2, no traceback
+                print(f"{path}:{n}: not a JSON line ({e.msg})", file=sys.stderr)
+                raise SystemExit(2) from None
     return out
 
 

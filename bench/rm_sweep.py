@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--extra", type=Path, help="also train on this file's rankings (e.g. data_samples/"
                     "comparisons.jsonl), after the rule's own")
     a = ap.parse_args()
+    if a.extra and not a.extra.is_file():
+        ap.error(f"--extra {a.extra}: no such file")
     os.environ["HF_HUB_OFFLINE"] = "1"
     log, out = a.bench / "commands.sh", a.bench / "rm_sweep.jsonl"
     print("| rule | rm flags | RM accuracy, fresh (pairs, prompts) | built-in split | seconds |")
@@ -42,7 +44,8 @@ def main() -> None:
         data = d / "rankings.jsonl"
         if a.extra:
             data = d / f"rankings_plus_{a.extra.stem}.jsonl"
-            data.write_text((d / "rankings.jsonl").read_text() + a.extra.read_text())
+            own = (d / "rankings.jsonl").read_text()
+            data.write_text(own + ("" if own.endswith("\n") else "\n") + a.extra.read_text())  # no joined rows
         for i, flags in enumerate(a.flags):
             rm = d / f"rm_sweep_{i}"
             t0 = time.time()
@@ -53,11 +56,12 @@ def main() -> None:
             sh(log, "score", rm, a.bench / "samples_heldout.jsonl", "-o", scored, "-q")
             acc, pairs, prompts = rm_accuracy(scored, rule)
             split = json.loads((rm / "instruct.json").read_text())["metrics"].get("eval_accuracy")
-            row = {"rule": name, "rm_flags": flags, "data": str(data), "rm_accuracy_fresh": acc, "pairs": pairs, "prompts": prompts,
-                   "builtin_split": split, "rm_seconds": seconds, "rules": str(RULES)}
+            row = {"rule": name, "rm_flags": flags, "data": str(data), "rm_accuracy_fresh": acc, "pairs": pairs,
+                   "prompts": prompts, "builtin_split": split, "rm_seconds": seconds, "rules": str(RULES)}
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"| {name} | `{flags or '(defaults)'}`{' + ' + a.extra.name if a.extra else ''} | {acc:.3f} ({pairs}, {prompts}) | "
+            extra = f" + {a.extra.name}" if a.extra else ""
+            print(f"| {name} | `{flags or '(defaults)'}`{extra} | {acc:.3f} ({pairs}, {prompts}) | "
                   f"{'—' if split is None else f'{split:.3f}'} | {seconds:.0f} |", flush=True)
 
 
