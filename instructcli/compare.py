@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from instructcli import (bias, console, data, files, generate, hallucination, judge, label, loop, models,
+from instructcli import (bias, console, data, evaluate, files, generate, hallucination, judge, label, loop, models,
                          sources, stats)
 from instructcli.config import CompareConfig, ModelConfig
 from instructcli.errors import InstructError
@@ -16,16 +16,23 @@ from instructcli.errors import InstructError
 def _measure(spec: str, prompts: data.Loaded | None, closed: data.Loaded | None, bias_set: data.Loaded | None,
              cfg: CompareConfig) -> dict:
     """What one model gives, loaded once: its answer to each of --prompts (every model with the same seed) with
-    whether it ended on its own, its closed-domain answers with their support check, its bias readings."""
+    whether it ended on its own, its length in tokens and, for a run dir with an adapter, its KL to the run's
+    parent (as `eval` measures it); its closed-domain answers with their support check; its bias readings."""
     source = sources.resolve(spec, console.log)
     tok = models.load_tokenizer(source)
     device = models.pick_device()
     model = models.inference_model(source, ModelConfig(model=spec, quant=cfg.quant, dtype=cfg.dtype), device)
     got = {}
     if prompts is not None:
-        texts, ended = generate.answer_texts(model, tok, prompts, cfg, device, f"compare: {spec}")
+        queries, outs = generate.answer_prompts(model, tok, prompts, 1, cfg, cfg.seed, device, f"compare: {spec}")
+        texts, ended = generate.as_texts(tok, outs)
         got["answers"] = {p.id: t for p, t in zip(prompts.records, texts)}
         got["ended"] = {p.id: e for p, e in zip(prompts.records, ended)}
+        got["tokens"] = [len(o[0]) for o in outs]
+        ref_name, ref_logprobs = evaluate.parent_reference(source, device, model, tok, cfg.batch_size)
+        if ref_logprobs:  # the KL that came with the win rate, at no cost in memory
+            got["kl"] = ref_name, evaluate.answer_kls(model, tok, ref_logprobs, queries, [o[0] for o in outs], device,
+                                                      cfg.batch_size, cfg.temperature)
     if closed is not None:
         texts, ended = generate.answer_texts(model, tok, hallucination.as_prompts(closed), cfg, device,
                                              f"compare: {spec} (hallucination)")
@@ -81,9 +88,10 @@ def _compare(cfg: CompareConfig) -> dict:
     out = {"baseline": cfg.items[0], "out": cfg.out}
     rows: list[dict] = []
     if cfg.judge:
-        win_rows, results = _win_rates(cfg, prompts, samples, measured)
+        win_rows, results, ended = _win_rates(cfg, prompts, samples, measured)
         rows += win_rows
-        out.update({"judge": cfg.judge, "prompts": len(win_rows), "results": results})
+        out.update({"judge": cfg.judge, "prompts": len(win_rows), "results": results,
+                    "answers": _answers(cfg, win_rows, ended, samples, measured)})
     if closed is not None:
         h_rows, out["hallucination"] = _hallucination_side_by_side(cfg, measured)
         rows += h_rows
@@ -153,7 +161,39 @@ def _win_rates(cfg: CompareConfig, prompts, samples: dict, measured: dict) -> tu
             res["score_diff"] = stats.summarize(diffs[spec], cfg.bootstrap, cfg.seed)
         results.append(res)
     _table(base, results, cfg.judge)
-    return [per_prompt[i] for i in ids], results
+    return [per_prompt[i] for i in ids], results, ended
+
+
+def _answers(cfg: CompareConfig, rows: list[dict], ended: dict, samples: dict, measured: dict) -> list[dict]:
+    """Each item's answers to the judged prompts: mean words, the share cut off at the token cap (unknown for a
+    samples file without `ended`), and for a model its tokens and, with an adapter, its KL to its parent: the
+    length and KL that came with its win rate."""
+    got = []
+    for spec in cfg.items:
+        a = {"model": spec, "answers": len(rows),
+             "words": sum(len(r["responses"][spec].split()) for r in rows) / max(len(rows), 1), "cut_off": None,
+             "tokens": None, "kl": None}
+        if spec in measured or all("ended" in s.extra for s in samples[spec].records):
+            a["cut_off"] = sum(not ended[spec][r["id"]] for r in rows) / max(len(rows), 1)
+        if spec in measured:
+            m = measured[spec]
+            a["tokens"] = sum(m["tokens"]) / len(m["tokens"])
+            if "kl" in m:
+                a["kl"] = evaluate.kl_summary(m["kl"][1], m["kl"][0], cfg.temperature, cfg.bootstrap, cfg.seed)
+        got.append(a)
+    from rich.table import Table
+
+    t = Table(title="their answers (KL: to each run's parent, its adapter off; nats per answer)", title_justify="left")
+    for col in ("model", "words", "tokens", "cut off", "KL", "95% CI", "KL to"):
+        t.add_column(col, justify="left" if col in ("model", "KL to") else "right")
+    for a in got:
+        kl = a["kl"]
+        t.add_row(a["model"], f"{a['words']:.1f}", "" if a["tokens"] is None else f"{a['tokens']:.1f}",
+                  "" if a["cut_off"] is None else f"{a['cut_off']:.0%}", "" if kl is None else f"{kl['mean']:.2f}",
+                  "" if kl is None else f"[{kl['ci95'][0]:.2f}, {kl['ci95'][1]:.2f}]",
+                  "" if kl is None else str(kl["reference"]))
+    console.table(t)
+    return got
 
 
 def _paired(cfg: CompareConfig, base: list[float], other: list[float]) -> dict:

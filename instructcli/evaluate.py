@@ -67,29 +67,51 @@ def toxicity_scores(texts: list[str]) -> list[float]:
     return out
 
 
+def parent_reference(source: sources.Source, device: str, model, tok, batch_size: int):
+    """A run dir's parent as a KL reference, (name, function (queries, responses, temperature) -> per-token
+    log-probs): its own base with the adapter switched off, no extra weights. (None, None) for a model without
+    an adapter (a --full run, a hub or plain model dir)."""
+    if not source.run_dir or (source.manifest or {}).get("full"):
+        return None, None
+
+    def off(q, r, temperature=1.0):
+        with model.disable_adapter():
+            return forward.response_logprobs(model, q, r, tok.pad_token_id, device, batch_size, temperature)
+
+    return (source.merged[-1] if source.merged else source.manifest["base_model"]["source"]), off
+
+
+def answer_kls(model, tok, ref_logprobs, queries: list[list[int]], responses: list[list[int]], device: str,
+               batch_size: int, temperature: float) -> list[float]:
+    """Each answer's KL to the reference in nats, the sum over its tokens of log p - log p_ref, both at the
+    temperature the answers were drawn at (0, greedy, read at 1): the KL of those two distributions."""
+    temp = temperature or 1.0
+    lp = forward.response_logprobs(model, queries, responses, tok.pad_token_id, device, batch_size, temp)
+    return [float((a - b).sum()) for a, b in zip(lp, ref_logprobs(queries, responses, temp))]
+
+
+def kl_summary(per_prompt: list[float], reference: str, temperature: float, n_boot: int, seed: int) -> dict:
+    """The mean KL per answer over the prompts, with its bootstrap CI, and what it was measured against."""
+    return {**stats.summarize(per_prompt, n_boot, seed), "reference": reference, "unit": "nats per response",
+            "temperature": temperature or 1.0}
+
+
 def _reference(source: sources.Source, ref: str, mc: ModelConfig, device: str, model, tok, batch_size: int):
     """The KL reference as (name, function (queries, responses, temperature) -> per-token log-probs), or
     (None, None).
 
-    Without --ref it is the model's parent: its own base with the run dir's adapter switched off (no extra
-    weights). A --ref with those same weights takes that path too; any other --ref is loaded beside it."""
+    Without --ref it is the model's parent (parent_reference). A --ref with the parent's weights takes that
+    path too; any other --ref is loaded beside it."""
     pad = tok.pad_token_id
     adapter = bool(source.run_dir) and not (source.manifest or {}).get("full")
     parent = sources.Source(source.spec, source.base, merged=source.merged)  # the weights under the adapter
     if not ref:
-        if not adapter:
-            if source.run_dir:  # a --full run: its parent is a whole other model, loaded only when asked for
-                console.warn(f"{source.spec} holds full weights: give --ref (e.g. its base) for KL and the tax")
-            return None, None
-        ref, rsrc = (source.merged[-1] if source.merged else source.manifest["base_model"]["source"]), parent
-    else:
-        rsrc = sources.resolve(ref, console.log).as_base()
+        if not adapter and source.run_dir:  # a --full run: its parent is a whole other model, loaded if asked
+            console.warn(f"{source.spec} holds full weights: give --ref (e.g. its base) for KL and the tax")
+        return parent_reference(source, device, model, tok, batch_size)
+    rsrc = sources.resolve(ref, console.log).as_base()
     if adapter and sources.same_weights(rsrc, parent):
-        def off(q, r, temperature=1.0):
-            with model.disable_adapter():
-                return forward.response_logprobs(model, q, r, pad, device, batch_size, temperature)
-
-        return ref, off
+        return ref, parent_reference(source, device, model, tok, batch_size)[1]
     ref_source = sources.resolve(ref, console.log)
     ref_tok = models.load_tokenizer(ref_source, mc.trust_remote_code)
     if ref_tok.get_vocab() != tok.get_vocab():
@@ -148,12 +170,8 @@ def run(cfg: EvalConfig) -> dict:
         queries, outs = generate.answer_prompts(model, tok, prompts, cfg.n, cfg, cfg.seed, device, "eval: answers")
         flat_q = [q for q, o in zip(queries, outs) for _ in o]
         flat_r = [r for o in outs for r in o]
-        kls = None
-        if ref_logprobs:  # both at the temperature the answers were drawn at: KL of those two distributions
-            temp = cfg.temperature or 1.0
-            lp = forward.response_logprobs(model, flat_q, flat_r, tok.pad_token_id, device, cfg.batch_size, temp)
-            ref = ref_logprobs(flat_q, flat_r, temp)
-            kls = [float((a - b).sum()) for a, b in zip(lp, ref)]
+        kls = (answer_kls(model, tok, ref_logprobs, flat_q, flat_r, device, cfg.batch_size, cfg.temperature)
+               if ref_logprobs else None)
         rows["answers"] = []
         for i, (p, o) in enumerate(zip(prompts.records, outs)):
             k = slice(i * cfg.n, (i + 1) * cfg.n)
@@ -174,8 +192,7 @@ def run(cfg: EvalConfig) -> dict:
                 "distinct_1": stats.distinct_n(texts, 1), "distinct_2": stats.distinct_n(texts, 2)}
         if kls is not None:
             per_prompt = [sum(r["kl"]) / len(r["kl"]) for r in rows["answers"]]
-            part["kl"] = {**stats.summarize(per_prompt, cfg.bootstrap, cfg.seed), "reference": ref_name,
-                          "unit": "nats per response", "temperature": cfg.temperature or 1.0}
+            part["kl"] = kl_summary(per_prompt, ref_name, cfg.temperature, cfg.bootstrap, cfg.seed)
         summary["answers"] = part
         seconds["answers"] = time.time() - t0
 

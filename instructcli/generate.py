@@ -175,6 +175,11 @@ def answer_prompts(model, tok, prompts: data.Loaded, n: int, cfg, seed: int, dev
 def answer_texts(model, tok, prompts: data.Loaded, cfg, device: str, label: str) -> tuple[list[str], list[bool]]:
     """One answer per prompt as text (special tokens off, stripped), and whether each ended on its own (False:
     cut off at --max-new-tokens)."""
-    _, outs = answer_prompts(model, tok, prompts, 1, cfg, cfg.seed, device, label)
+    return as_texts(tok, answer_prompts(model, tok, prompts, 1, cfg, cfg.seed, device, label)[1])
+
+
+def as_texts(tok, outs) -> tuple[list[str], list[bool]]:
+    """Each prompt's first answer of answer_prompts() as text (special tokens off, stripped), and whether it
+    ended on its own."""
     return ([tok.decode(o[0], skip_special_tokens=True).strip() for o in outs],
             [tokens.ended(tok, o[0]) for o in outs])

@@ -57,13 +57,11 @@ instruct ppo --policy "$OUT/sft" --reward "$OUT/rm" -p "$OUT/prompts.jsonl" --pt
 
 stage "6. compare: PPO against SFT on $HELDOUT held-out prompts, judged by the labeler (not the rm)"
 instruct compare "$OUT/sft" "$OUT/ppo" -p "$OUT/heldout.jsonl" --judge "$LABELER" --max-new-tokens "$NEW_TOKENS" \
-  -o "$OUT/compare.jsonl" -q > "$OUT/compare.json"
-instruct eval "$OUT/ppo" -p "$OUT/heldout.jsonl" --max-new-tokens "$NEW_TOKENS" --overwrite -o "$OUT/eval_ppo" \
-  -q > /dev/null
+  -o "$OUT/compare.jsonl" -q > "$OUT/compare.json"   # with each model's KL to its parent and length
 
 stage "done in $(( $(date +%s) - start )) s"
 python - "$OUT" "$LABELER" <<'PY'
-import importlib.util, json, statistics, sys
+import importlib.util, json, sys
 out, labeler = sys.argv[1], sys.argv[2]
 path, _, name = labeler.rpartition(":")
 spec = importlib.util.spec_from_file_location("labeler", path)
@@ -75,20 +73,18 @@ for line in open(f"{out}/rm_fresh.jsonl"):
     (a, b), (sa, sb) = (judge(r["prompt"], x) for x in r["responses"]), r["scores"]
     if a != b:
         pairs, right = pairs + 1, right + ((a > b) == (sa > sb))
-cmp = json.load(open(f"{out}/compare.json"))["results"][0]
-rows = [json.loads(l) for l in open(f"{out}/compare.jsonl")]
-words = {k: statistics.mean(len(r["responses"][k].split()) for r in rows) for k in rows[0]["responses"]}
-ev = json.load(open(f"{out}/eval_ppo/summary.json"))["answers"]
+summary = json.load(open(f"{out}/compare.json"))
+cmp, (sft_ans, ppo_ans) = summary["results"][0], summary["answers"]
+kl = ppo_ans["kl"]
 ppo = json.load(open(f"{out}/ppo/instruct.json"))["metrics"]
-sft_key, ppo_key = list(rows[0]["responses"])
-print(f"rm accuracy on fresh answers to {len(rows)} unseen prompts (by the labeler): {right / max(pairs, 1):.3f} ({pairs} pairs)")
+print(f"rm accuracy on fresh answers to {summary['prompts']} unseen prompts (by the labeler): {right / max(pairs, 1):.3f} ({pairs} pairs)")
 print(f"| {'':34} | SFT ({out}/sft) | PPO ({out}/ppo) |")
 print(f"|{'-' * 36}|---|---|")
 print(f"| {'win rate vs SFT, judged by ' + name:34} | — | {cmp['win_rate']:.3f} [{cmp['ci95'][0]:.3f}, {cmp['ci95'][1]:.3f}] "
       f"({cmp['wins']} wins, {cmp['ties']} ties, {cmp['losses']} losses) |")
-print(f"| {'KL to SFT (nats per answer)':34} | 0 | {ev['kl']['mean']:.2f} [{ev['kl']['ci95'][0]:.2f}, {ev['kl']['ci95'][1]:.2f}] |")
-print(f"| {'answer length (words)':34} | {words[sft_key]:.1f} | {words[ppo_key]:.1f} |")
-print(f"| {'answers cut off at the token cap':34} | — | {ev['no_eos']:.0%} |")
+print(f"| {'KL to SFT (nats per answer)':34} | 0 | {kl['mean']:.2f} [{kl['ci95'][0]:.2f}, {kl['ci95'][1]:.2f}] |")
+print(f"| {'answer length (words)':34} | {sft_ans['words']:.1f} | {ppo_ans['words']:.1f} |")
+print(f"| {'answers cut off at the token cap':34} | {sft_ans['cut_off']:.0%} | {ppo_ans['cut_off']:.0%} |")
 print(f"| {'rm score, last rollouts (RM-judged)':34} | — | {ppo['score']:+.3f} |")
 print(f"answers: {out}/compare.jsonl; rankings: {out}/rankings.jsonl")
 PY

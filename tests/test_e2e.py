@@ -37,6 +37,9 @@ def test_demo_script_on_the_embedded_model(tmp_path):
     cmp = json.loads((demo / "compare.json").read_text())
     assert cmp["judge"] == "data_samples/labeler.py:prefer" and cmp["prompts"] == 3
     assert "win rate vs SFT, judged by prefer" in r.stdout and "KL to SFT" in r.stdout
+    kl = cmp["answers"][1]["kl"]  # the table's KL is compare's, of PPO's judged answers to its parent, the SFT
+    assert Path(kl["reference"]).resolve() == (demo / "sft").resolve() and kl["n"] == 3
+    assert f"| {kl['mean']:.2f} [{kl['ci95'][0]:.2f}, {kl['ci95'][1]:.2f}] |" in r.stdout
     assert "rm accuracy on fresh answers to 3 unseen prompts" in r.stdout
     # each of the 6 stages' seconds follows its heading on stderr, and they add up to the total
     took = [int(s) for s in re.findall(r"^   \((\d+) s\)$", r.stderr, re.M)]

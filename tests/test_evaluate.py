@@ -196,6 +196,29 @@ def test_compare_models_with_an_rm_judge(cli, runs, tmp_path):
     assert (res["ties"], res["win_rate"], res["score_diff"]["mean"]) == (3, 0.5, 0.0)
 
 
+def test_compare_reports_the_kl_and_length_that_came_with_the_win_rate(cli, runs, tmp_path):
+    """Each model's KL to its parent and its length, measured on the answers compare judged, equal eval's on
+    the same prompts and seed (the same answers, the same forwards); a samples file has its words, and no KL,
+    tokens or cut-off share without `ended`."""
+    rule = tmp_path / "rule.py"
+    rule.write_text("def words(prompt, response):\n    return len(response.split())\n")
+    fixed = write_jsonl(tmp_path / "fixed.jsonl", [{"id": i, "prompt": "?", "responses": ["one two three"]}
+                                                  for i in "abc"])
+    r = cli("compare", fixed, runs["sft"], "-p", runs["prompts"], "--judge", f"{rule}:words", "-o",
+            tmp_path / "cmp.jsonl", "--max-new-tokens", 5)
+    assert r.code == 0, r
+    f, m = json.loads(r.out)["answers"]
+    assert f == {"model": str(fixed), "answers": 3, "words": 3.0, "cut_off": None, "tokens": None, "kl": None}
+    assert "KL to" in r.err and f"{m['kl']['mean']:.2f}" in r.err  # the table on stderr
+    r = cli("eval", runs["sft"], "-p", runs["prompts"], "-o", tmp_path / "ev", "--max-new-tokens", 5, "-q")
+    assert r.code == 0, r
+    e = json.loads(r.out)["answers"]
+    assert abs(e["kl"]["mean"]) > 1e-3 and m["kl"] == e["kl"]  # mean, CI, reference, unit, temperature
+    assert (m["tokens"], m["cut_off"]) == (e["response_len"], e["no_eos"])
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "answers.jsonl").read_text().splitlines()]
+    assert m["words"] == pytest.approx(sum(len(x["responses"][0].split()) for x in rows) / 3)
+
+
 def test_compare_rm_judge_scores_a_cut_off_answer_as_cut_off(cli, runs, tmp_path):
     """The RM reads its score at the end-of-turn token, which an answer cut off at the token cap does not
     have: compare must score the same words differently when one copy ended and the other was cut off,
