@@ -14,10 +14,11 @@ from instructcli.errors import InstructError
 
 
 def _measure(spec: str, prompts: data.Loaded | None, closed: data.Loaded | None, bias_set: data.Loaded | None,
-             cfg: CompareConfig) -> dict:
+             cfg: CompareConfig, kl: bool) -> dict:
     """What one model gives, loaded once: its answer to each of --prompts (every model with the same seed) with
-    whether it ended on its own, its length in tokens and, for a run dir with an adapter, its KL to the run's
-    parent (as `eval` measures it); its closed-domain answers with their support check; its bias readings."""
+    whether it ended on its own, its length in tokens and, with `kl` for a run dir with an adapter, its KL to
+    the run's parent (as `eval` measures it); its closed-domain answers with their support check; its bias
+    readings."""
     source = sources.resolve(spec, console.log)
     tok = models.load_tokenizer(source)
     device = models.pick_device()
@@ -30,7 +31,7 @@ def _measure(spec: str, prompts: data.Loaded | None, closed: data.Loaded | None,
         got["ended"] = {p.id: e for p, e in zip(prompts.records, ended)}
         got["tokens"] = [len(o[0]) for o in outs]
         ref_name, ref_logprobs = evaluate.parent_reference(source, device, model, tok, cfg.batch_size)
-        if ref_logprobs:  # the KL that came with the win rate, at no cost in memory
+        if kl and ref_logprobs:  # the KL that came with the win rate, at no cost in memory
             got["kl"] = ref_name, evaluate.answer_kls(model, tok, ref_logprobs, queries, [o[0] for o in outs], device,
                                                       cfg.batch_size, cfg.temperature)
     if closed is not None:
@@ -84,7 +85,10 @@ def _compare(cfg: CompareConfig) -> dict:
         sources.refuse_reward_model(sources.resolve(spec, console.log))
         if cfg.judge and prompts is None:
             raise InstructError(f"{spec}: a model needs --prompts to answer (or give a samples file)", 2)
-    measured = {spec: _measure(spec, prompts, closed, bias_set, cfg) for spec in cfg.items if spec not in samples}
+    # the KL of each model after the first: the one that came with its win rate (the baseline's costs a forward
+    # of every answer twice, and is eval's question)
+    measured = {spec: _measure(spec, prompts, closed, bias_set, cfg, kl=spec != cfg.items[0]) for spec in cfg.items
+                if spec not in samples}
     out = {"baseline": cfg.items[0], "out": cfg.out}
     rows: list[dict] = []
     if cfg.judge:
@@ -166,8 +170,8 @@ def _win_rates(cfg: CompareConfig, prompts, samples: dict, measured: dict) -> tu
 
 def _answers(cfg: CompareConfig, rows: list[dict], ended: dict, samples: dict, measured: dict) -> list[dict]:
     """Each item's answers to the judged prompts: mean words, the share cut off at the token cap (unknown for a
-    samples file without `ended`), and for a model its tokens and, with an adapter, its KL to its parent: the
-    length and KL that came with its win rate."""
+    samples file without `ended`), and for a model its tokens and, after the first and with an adapter, its KL
+    to its parent: the length and KL that came with its win rate."""
     got = []
     for spec in cfg.items:
         a = {"model": spec, "answers": len(rows),

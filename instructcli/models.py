@@ -3,6 +3,8 @@ PPO models (policy, reference, reward and value on one shared base)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import re
 from pathlib import Path
@@ -370,6 +372,19 @@ class PPOModels(torch.nn.Module):
         policy = [p for n, p in self.lm.named_parameters() if f".{POLICY}." in n and id(p) in trainable]
         chosen = {id(p) for p in policy}
         return policy, [p for p in self._trainable if id(p) not in chosen]
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Forwards through the SFT model: the base with every adapter off. On the way out PEFT turns the
+        adapters back on through set_adapter, which flips requires_grad off for all but the active one: the
+        trainable set is restored after, as use() does, or a checkpoint taken next would leave out the value
+        adapter and --resume would refuse it."""
+        try:
+            with self.lm.disable_adapter():
+                yield
+        finally:
+            for p in self._trainable:
+                p.requires_grad_(True)
 
     def use(self, adapter: str) -> None:
         """Make `adapter` the one forwards go through. PEFT's set_adapter also flips requires_grad; the

@@ -47,7 +47,7 @@ def response_logits(nets: models.PPOModels, ro: Rollout, rows: list[int], pad_id
     ids, attn, pos, start = batches.collate_rollout([ro.queries[i] for i in rows], [ro.responses[i] for i in rows],
                                                  pad_id, device)
     nets.use(POLICY)
-    with nets.lm.disable_adapter() if reference else contextlib.nullcontext():
+    with nets.reference() if reference else contextlib.nullcontext():
         logits = forward.logits_from(nets.lm, ids, attn, pos, start - 1)
     return logits[:, :-1].float() / temperature
 
@@ -284,7 +284,7 @@ def train(cfg: PPOConfig) -> Path:
                         pb = [pb[k].to(device) for k in ("input_ids", "attention_mask", "labels")]
                         nets.use(POLICY)
                         ptx_logits, _ = forward.labelled_logits(nets.lm, *pb)
-                        with torch.no_grad(), nets.lm.disable_adapter():
+                        with torch.no_grad(), nets.reference():
                             ref_ptx_logits, _ = forward.labelled_logits(nets.lm, *pb)
                         ptx_loss = rlhf.kl_to_reference(ptx_logits, ref_ptx_logits)
                         del ptx_logits, ref_ptx_logits

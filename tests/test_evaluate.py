@@ -194,6 +194,8 @@ def test_compare_models_with_an_rm_judge(cli, runs, tmp_path):
     res = json.loads(r.out)["results"][0]
     # the same model with the same seed gives the same answers: every prompt is a tie
     assert (res["ties"], res["win_rate"], res["score_diff"]["mean"]) == (3, 0.5, 0.0)
+    base, other = json.loads(r.out)["answers"]  # the KL of the model after the baseline, to its parent only
+    assert base["kl"] is None and other["kl"]["n"] == 3 and base["tokens"] == other["tokens"]
 
 
 def test_compare_reports_the_kl_and_length_that_came_with_the_win_rate(cli, runs, tmp_path):

@@ -105,8 +105,12 @@ def test_ptx_term_runs_through_the_policy_adapter(setup, tmp_path, monkeypatch):
     assert seen and set(seen) == {ppo.POLICY}, seen
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(setup, tmp_path, monkeypatch):
-    a = ppo.train(cfg(setup, tmp_path / "a", steps=4, save_every=2))
+@pytest.mark.parametrize("ptx", [0.0, 1.0])
+def test_resume_after_a_crash_matches_an_uninterrupted_run(setup, tmp_path, monkeypatch, ptx):
+    """Also with PPO-ptx, whose reference forward (adapters off) last touched the adapters before the
+    checkpoint: the checkpoint must still hold every trainable weight, the value adapter's included."""
+    kw = dict(steps=4, save_every=2, ptx_coef=ptx, ptx_data=str(SAMPLES / "pretrain.jsonl") if ptx else "")
+    a = ppo.train(cfg(setup, tmp_path / "a", **kw))
     original = checkpoint.RunDir.save_checkpoint
 
     def crash(self, step, *args, **kw):
@@ -115,13 +119,15 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(setup, tmp_path, monk
 
     monkeypatch.setattr(checkpoint.RunDir, "save_checkpoint", crash)
     with pytest.raises(KeyboardInterrupt):
-        ppo.train(cfg(setup, tmp_path / "b", steps=4, save_every=2))
+        ppo.train(cfg(setup, tmp_path / "b", **kw))
     monkeypatch.setattr(checkpoint.RunDir, "save_checkpoint", original)
-    b = ppo.train(cfg(setup, tmp_path / "b", steps=4, save_every=2, resume=True))
+    saved = load_file(str(tmp_path / "b.partial" / "checkpoints" / "step-2" / "trainable.safetensors"))
+    assert any(f".{models.VALUE}." in k for k in saved) and any(f".{models.POLICY}." in k for k in saved)
+    b = ppo.train(cfg(setup, tmp_path / "b", resume=True, **kw))
     ma, mb = metrics(a), metrics(b)
     assert [x["step"] for x in mb] == [1, 2, 3, 4]
     for x, y in zip(ma, mb):
-        for k in ("score", "kl", "policy_loss", "value_loss"):
+        for k in ("score", "kl", "policy_loss", "value_loss", "ptx_loss"):
             assert y[k] == pytest.approx(x[k], abs=1e-4), (k, x["step"])
 
 
