@@ -30,8 +30,9 @@ def _measure(spec: str, prompts: data.Loaded | None, closed: data.Loaded | None,
         got["answers"] = {p.id: t for p, t in zip(prompts.records, texts)}
         got["ended"] = {p.id: e for p, e in zip(prompts.records, ended)}
         got["tokens"] = [len(o[0]) for o in outs]
-        ref_name, ref_logprobs = evaluate.parent_reference(source, device, model, tok, cfg.batch_size)
-        if kl and ref_logprobs:  # the KL that came with the win rate, at no cost in memory
+        ref_name, ref_logprobs = (evaluate.parent_reference(source, device, model, tok, cfg.batch_size) if kl
+                                  else (None, None))
+        if ref_logprobs:  # the KL that came with the win rate, at no cost in memory
             got["kl"] = ref_name, evaluate.answer_kls(model, tok, ref_logprobs, queries, [o[0] for o in outs], device,
                                                       cfg.batch_size, cfg.temperature)
     if closed is not None:
@@ -72,6 +73,12 @@ def _compare(cfg: CompareConfig) -> dict:
         raise InstructError("--prompts are answered for a win rate: give --judge too", 2)
     load = lambda path, kind: data.load_option(cfg, path, kind, console.warn)  # noqa: E731
     prompts, closed, bias_set = load(cfg.prompts, "prompts"), load(cfg.hallucination, "closed"), load(cfg.bias, "bias")
+    if prompts is not None:  # answers are paired by id: a second row with an id would be judged as the first
+        seen: set[str] = set()
+        for p in prompts.records:
+            if p.id in seen:
+                raise InstructError(f"{cfg.prompts}: prompt id {p.id} given twice; compare pairs answers by id", 2)
+            seen.add(p.id)
     samples: dict[str, data.Loaded] = {}
     for spec in cfg.items:
         if Path(spec).is_file() or spec == "-":
@@ -108,8 +115,9 @@ def _compare(cfg: CompareConfig) -> dict:
     return out
 
 
-def _win_rates(cfg: CompareConfig, prompts, samples: dict, measured: dict) -> tuple[list[dict], list[dict]]:
-    """Per-prompt rows and each model's win rate against the first, by --judge."""
+def _win_rates(cfg: CompareConfig, prompts, samples: dict, measured: dict) -> tuple[list[dict], list[dict], dict]:
+    """Per-prompt rows, each model's win rate against the first, by --judge, and {item: {id: whether its answer
+    ended on its own}}."""
     if prompts is not None:
         ids = [p.id for p in prompts.records]
         text = {p.id: (p.prompt, p.messages) for p in prompts.records}
@@ -169,9 +177,9 @@ def _win_rates(cfg: CompareConfig, prompts, samples: dict, measured: dict) -> tu
 
 
 def _answers(cfg: CompareConfig, rows: list[dict], ended: dict, samples: dict, measured: dict) -> list[dict]:
-    """Each item's answers to the judged prompts: mean words, the share cut off at the token cap (unknown for a
-    samples file without `ended`), and for a model its tokens and, after the first and with an adapter, its KL
-    to its parent: the length and KL that came with its win rate."""
+    """Each item's answers to the prompts (every one, judged or, by a person, not yet): mean words, the share cut
+    off at the token cap (unknown for a samples file without `ended`), and for a model its tokens and, after the
+    first and with an adapter, its KL to its parent: the length and KL that came with its win rate."""
     got = []
     for spec in cfg.items:
         a = {"model": spec, "answers": len(rows),
@@ -185,19 +193,26 @@ def _answers(cfg: CompareConfig, rows: list[dict], ended: dict, samples: dict, m
             if "kl" in m:
                 a["kl"] = evaluate.kl_summary(m["kl"][1], m["kl"][0], cfg.temperature, cfg.bootstrap, cfg.seed)
         got.append(a)
+    _print_table("their answers (KL: to each run's parent, its adapter off; nats per answer)",
+                 ("model", "words", "tokens", "cut off", "KL", "95% CI", "KL to"),
+                 [(a["model"], f"{a['words']:.1f}", "" if a["tokens"] is None else f"{a['tokens']:.1f}",
+                   "" if a["cut_off"] is None else f"{a['cut_off']:.0%}",
+                   *(("", "", "") if a["kl"] is None else
+                     (f"{a['kl']['mean']:.2f}", f"[{a['kl']['ci95'][0]:.2f}, {a['kl']['ci95'][1]:.2f}]",
+                      str(a["kl"]["reference"])))) for a in got], left=("model", "KL to"))
+    return got
+
+
+def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple], left: tuple[str, ...] = ("model",)) -> None:
+    """A rich table on stderr: text columns (`left`) flush left, figures right."""
     from rich.table import Table
 
-    t = Table(title="their answers (KL: to each run's parent, its adapter off; nats per answer)", title_justify="left")
-    for col in ("model", "words", "tokens", "cut off", "KL", "95% CI", "KL to"):
-        t.add_column(col, justify="left" if col in ("model", "KL to") else "right")
-    for a in got:
-        kl = a["kl"]
-        t.add_row(a["model"], f"{a['words']:.1f}", "" if a["tokens"] is None else f"{a['tokens']:.1f}",
-                  "" if a["cut_off"] is None else f"{a['cut_off']:.0%}", "" if kl is None else f"{kl['mean']:.2f}",
-                  "" if kl is None else f"[{kl['ci95'][0]:.2f}, {kl['ci95'][1]:.2f}]",
-                  "" if kl is None else str(kl["reference"]))
+    t = Table(title=title, title_justify="left")
+    for col in columns:
+        t.add_column(col, justify="left" if col in left else "right")
+    for r in rows:
+        t.add_row(*r)
     console.table(t)
-    return got
 
 
 def _paired(cfg: CompareConfig, base: list[float], other: list[float]) -> dict:
@@ -263,15 +278,10 @@ def _bias_side_by_side(cfg: CompareConfig, measured: dict) -> tuple[list[dict], 
 
 
 def _side_table(title: str, base: str, entries: list[tuple]) -> None:
-    from rich.table import Table
-
-    t = Table(title=title, title_justify="left")
-    for col in ("model", "value", "95% CI", f"minus {base} [95% CI]"):
-        t.add_column(col, justify="left" if col == "model" else "right")
-    for spec, value, ci, diff in entries:
-        t.add_row(spec, "" if value is None else f"{value:.3f}", f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "",
-                  f"{diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]" if diff else "")
-    console.table(t)
+    _print_table(title, ("model", "value", "95% CI", f"minus {base} [95% CI]"),
+                 [(spec, "" if value is None else f"{value:.3f}", f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "",
+                   f"{diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]" if diff else "")
+                  for spec, value, ci, diff in entries])
 
 
 def _human(cfg: CompareConfig, ids, text, answers, per_prompt, outcomes) -> None:
@@ -328,17 +338,14 @@ def _human(cfg: CompareConfig, ids, text, answers, per_prompt, outcomes) -> None
 
 
 def _table(base: str, results: list[dict], judge_spec: str) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"win rate against {base} (judge {judge_spec}; ties count half)", title_justify="left")
-    for col in ("model", "judged", "wins", "ties", "losses", "win rate", "95% CI", "mean score diff"):
-        t.add_column(col, justify="left" if col == "model" else "right")
-    for r in results:
+    def row(r):
         if not r["judged"]:
-            t.add_row(r["model"], "0", *[""] * 6)
-            continue
+            return (r["model"], "0", *[""] * 6)
         d = r.get("score_diff")
-        t.add_row(r["model"], str(r["judged"]), str(r["wins"]), str(r["ties"]), str(r["losses"]),
-                  f"{r['win_rate']:.3f}", f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]",
-                  f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "")
-    console.table(t)
+        return (r["model"], str(r["judged"]), str(r["wins"]), str(r["ties"]), str(r["losses"]),
+                f"{r['win_rate']:.3f}", f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]",
+                f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "")
+
+    _print_table(f"win rate against {base} (judge {judge_spec}; ties count half)",
+                 ("model", "judged", "wins", "ties", "losses", "win rate", "95% CI", "mean score diff"),
+                 [row(r) for r in results])

@@ -71,7 +71,7 @@ def parent_reference(source: sources.Source, device: str, model, tok, batch_size
     """A run dir's parent as a KL reference, (name, function (queries, responses, temperature) -> per-token
     log-probs): its own base with the adapter switched off, no extra weights. (None, None) for a model without
     an adapter (a --full run, a hub or plain model dir)."""
-    if not source.run_dir or (source.manifest or {}).get("full"):
+    if not sources.has_adapter(source):
         return None, None
 
     def off(q, r, temperature=1.0):
@@ -103,7 +103,7 @@ def _reference(source: sources.Source, ref: str, mc: ModelConfig, device: str, m
     Without --ref it is the model's parent (parent_reference). A --ref with the parent's weights takes that
     path too; any other --ref is loaded beside it."""
     pad = tok.pad_token_id
-    adapter = bool(source.run_dir) and not (source.manifest or {}).get("full")
+    adapter = sources.has_adapter(source)
     parent = sources.Source(source.spec, source.base, merged=source.merged)  # the weights under the adapter
     if not ref:
         if not adapter and source.run_dir:  # a --full run: its parent is a whole other model, loaded if asked
@@ -227,8 +227,7 @@ def run(cfg: EvalConfig) -> dict:
         variants["respectful"] = data.Loaded(respectful, tox.path, tox.sha256, tox.rows, tox.skipped)
         rows["toxicity"], part = [], {"prompts": len(tox.records), "scorer": _scorer_name(), "threshold": TOXIC}
         for name, loaded in variants.items():
-            _, outs = generate.answer_prompts(model, tok, loaded, 1, cfg, cfg.seed, device, f"eval: toxicity ({name})")
-            texts = [tok.decode(o[0], skip_special_tokens=True).strip() for o in outs]
+            texts, _ = generate.answer_texts(model, tok, loaded, cfg, device, f"eval: toxicity ({name})")
             scores = toxicity_scores(texts)
             part[name] = {**stats.summarize(scores, cfg.bootstrap, cfg.seed),
                           "toxic_share": sum(s > TOXIC for s in scores) / len(scores)}

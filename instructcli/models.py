@@ -4,7 +4,6 @@ PPO models (policy, reference, reward and value on one shared base)."""
 from __future__ import annotations
 
 import contextlib
-
 import os
 import re
 from pathlib import Path
@@ -16,7 +15,8 @@ from instructcli.config import ModelConfig
 from instructcli.errors import InstructError
 from instructcli.forward import hidden_states, score_features
 from instructcli.sources import (MANIFEST, Source, bitsandbytes_if_loaded, merged_base, normalisation,
-                                 reward_reading, refuse_reward_model, require_rm, resolve, same_weights)
+                                 reward_reading, refuse_reward_model, require_rm, resolve, same_weights,
+                                 has_adapter)
 
 
 CHATML_TEMPLATE = (  # used only for tokenizers that ship no chat template of their own
@@ -180,7 +180,7 @@ def inference_model(source: Source, mc: ModelConfig, device: str):
     base stays quantized)."""
     refuse_reward_model(source)
     model = load_base(source, mc, device)
-    if source.run_dir and not (source.manifest or {}).get("full"):
+    if has_adapter(source):
         try:
             model = with_adapter(model, source.run_dir)
         except (OSError, ValueError) as e:
@@ -383,8 +383,7 @@ class PPOModels(torch.nn.Module):
             with self.lm.disable_adapter():
                 yield
         finally:
-            for p in self._trainable:
-                p.requires_grad_(True)
+            self._restore_trainable()
 
     def use(self, adapter: str) -> None:
         """Make `adapter` the one forwards go through. PEFT's set_adapter also flips requires_grad; the
@@ -392,11 +391,15 @@ class PPOModels(torch.nn.Module):
         if adapter == self._adapter:  # set_adapter walks every module: ~30 ms a call on a small model
             return
         self.lm.set_adapter(adapter)
+        self._restore_trainable()
+        self._adapter = adapter
+
+    def _restore_trainable(self) -> None:
+        """requires_grad on exactly the policy and value parameters, whatever PEFT last switched."""
         for p in self.lm.parameters():
             p.requires_grad_(False)
         for p in self._trainable:
             p.requires_grad_(True)
-        self._adapter = adapter
 
 
 def ppo_models(policy: Source, reward_spec: str, mc: ModelConfig, device: str, log=None):

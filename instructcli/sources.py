@@ -216,6 +216,11 @@ def adapter_ok(run_dir: Path) -> bool:
     return (run_dir / ADAPTER_WEIGHTS).is_file() and (run_dir / "adapter_config.json").is_file()
 
 
+def has_adapter(source: Source) -> bool:
+    """Whether the source is a run dir holding an adapter over its parent (not a --full run's whole weights)."""
+    return bool(source.run_dir) and not (source.manifest or {}).get("full")
+
+
 def same_weights(a: Source, b: Source) -> bool:
     """Whether two sources load the same weights: the same raw base with the same run dirs merged in."""
     norm = lambda s: (s.base, tuple(str(Path(d).resolve()) for d in s.merged))  # noqa: E731

@@ -57,7 +57,7 @@ instruct ppo --policy "$OUT/sft" --reward "$OUT/rm" -p "$OUT/prompts.jsonl" --pt
 
 stage "6. compare: PPO against SFT on $HELDOUT held-out prompts, judged by the labeler (not the rm)"
 instruct compare "$OUT/sft" "$OUT/ppo" -p "$OUT/heldout.jsonl" --judge "$LABELER" --max-new-tokens "$NEW_TOKENS" \
-  -o "$OUT/compare.jsonl" -q > "$OUT/compare.json"   # with each model's KL to its parent and length
+  -o "$OUT/compare.jsonl" -q > "$OUT/compare.json"   # with each model's length and PPO's KL to SFT
 
 stage "done in $(( $(date +%s) - start )) s"
 python - "$OUT" "$LABELER" <<'PY'

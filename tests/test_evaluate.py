@@ -219,6 +219,16 @@ def test_compare_reports_the_kl_and_length_that_came_with_the_win_rate(cli, runs
     assert (m["tokens"], m["cut_off"]) == (e["response_len"], e["no_eos"])
     rows = [json.loads(x) for x in (tmp_path / "ev" / "answers.jsonl").read_text().splitlines()]
     assert m["words"] == pytest.approx(sum(len(x["responses"][0].split()) for x in rows) / 3)
+    # a samples file that says which answers ended has a cut-off share
+    cut = write_jsonl(tmp_path / "cut.jsonl", [{"id": i, "prompt": "?", "responses": ["a b"], "ended": [i != "b"]}
+                                              for i in "abc"])
+    r = cli("compare", fixed, cut, "--judge", f"{rule}:words", "-o", tmp_path / "cmp2.jsonl", "-q")
+    assert r.code == 0, r
+    assert json.loads(r.out)["answers"][1]["cut_off"] == pytest.approx(1 / 3)
+    # answers are paired by prompt id: a prompts file with an id twice is refused before any model answers
+    twice = write_jsonl(tmp_path / "twice.jsonl", [{"id": "a", "prompt": "One?"}, {"id": "a", "prompt": "Two?"}])
+    r = cli("compare", fixed, runs["sft"], "-p", twice, "--judge", f"{rule}:words", "-o", tmp_path / "c3.jsonl")
+    assert r.code == 2 and "prompt id a given twice" in r.err and not (tmp_path / "c3.jsonl").exists()
 
 
 def test_compare_rm_judge_scores_a_cut_off_answer_as_cut_off(cli, runs, tmp_path):
