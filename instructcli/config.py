@@ -265,7 +265,8 @@ class PPOConfig(RunOptions, DataOptions):
                                      "compare (0.7), so the budget is in the units eval reports.")
     horizon: int = opt(10000, "With --target-kl: beta changes by up to 20 % per this many rollouts.")
     # the defaults are what bench/align.py found on the embedded model (ALIGNMENT.md)
-    steps: int = opt(40, "PPO iterations (rollout + optimisation); --stop-kl may end the run sooner.")
+    steps: int = opt(80, "At most this many PPO iterations (rollout + optimisation); --stop-kl usually ends "
+                     "the run sooner (PPO-ptx's KL grows slower, so it needs more steps to reach it).")
     rollout_batch_size: int = opt(16, "Prompts per rollout.")
     mini_batch_size: int = opt(16, "Rollouts per optimizer step.")
     micro_batch_size: int = opt(8, "Rollouts per forward (scoring, reference and the update), at most "
