@@ -9,13 +9,16 @@ from instructcli.decode_cpu import decode_linears
 
 
 def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
-             max_new_tokens: int, device: str, logprobs: bool = False, on_token=None, decode: str = "eager"):
+             max_new_tokens: int, device: str, logprobs: bool = False, on_token=None, decode: str = "eager",
+             keep_logits: bool = False):
     """Sample with a KV cache; per prompt, n lists of new token ids, each cut after its first stop token (EOS
     or the chat template's end-of-turn, kept: stopping is one of the policy's actions).
 
     With `logprobs`, also returns two (prompts x n, longest answer) float tensors, rows in output order and 0
     past each answer's end: log p(token) and the entropy, both of softmax(logits / temperature) before top-p,
-    which is the distribution PPO's ratio and KL penalty are taken under.
+    which is the distribution PPO's ratio and KL penalty are taken under. With `keep_logits` too (eager only),
+    a third: the (prompts x n, longest answer, vocabulary) float32 logits each token was drawn from, 0 past each
+    answer's end, so PPO reads its KL budget from them instead of forwarding the policy again.
 
     Our own loop rather than `model.generate`, for these reasons. Each prompt is forwarded once and its cache
     copied for its n samples. A row that has emitted EOS leaves the batch, so the others decode with less
@@ -27,7 +30,8 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
     `decode`: eager (this loop), static (static_decode: a static KV cache, its step a replayed CUDA graph on
     CUDA), auto (static on CUDA, eager elsewhere). Streaming (`on_token`) is always eager.
     """
-    if on_token is None and (decode == "static" or (decode == "auto" and str(device).startswith("cuda"))):
+    if on_token is None and static(decode, device):
+        assert not keep_logits, "keep_logits: the eager loop only"
         return static_decode.generate(model, tok, prompt_ids, n, temperature, top_p, max_new_tokens, device,
                                       logprobs)
     batch = batches.collate_prompts(prompt_ids, tok.pad_token_id)  # left-padded: each row's last token is last
@@ -58,11 +62,16 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
         rows = torch.arange(len(out), device=device)  # batch row -> output
         live = torch.ones(len(out), dtype=torch.bool, device=device)
         steps = []  # with logprobs: (rows, log p(token), entropy) per step
+        kept = None  # with keep_logits: (outputs, max_new_tokens, vocabulary), filled step by step
         for t in range(max_new_tokens):
             picked = rlhf.sample_next(logits, temperature, top_p)
             if logprobs:
                 lp = torch.log_softmax(logits.float() / temperature, -1)
                 steps.append((rows, lp.gather(1, picked[:, None]).squeeze(1), -(lp.exp() * lp).sum(-1)))
+                if keep_logits:
+                    if kept is None:
+                        kept = torch.zeros(len(out), max_new_tokens, logits.shape[-1], device=device)
+                    kept[rows, t] = logits.float()
             for r, x, alive in zip(rows.tolist(), picked.tolist(), live.tolist()):
                 if alive:
                     out[r].append(x)
@@ -86,7 +95,15 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
     for t, (r, x, e) in enumerate(steps):  # rows that ended at this step still hold their EOS's values
         lp[r, t], ent[r, t] = x, e
     ended = torch.tensor([len(x) for x in out], device=device)[:, None] <= torch.arange(len(steps), device=device)
-    return grouped, lp.masked_fill(ended, 0.0), ent.masked_fill(ended, 0.0)
+    lp, ent = lp.masked_fill(ended, 0.0), ent.masked_fill(ended, 0.0)
+    if keep_logits:  # in place: the tensor is the largest the loop makes
+        return grouped, lp, ent, kept[:, :len(steps)].masked_fill_(ended[..., None], 0.0)
+    return grouped, lp, ent
+
+
+def static(decode: str, device: str) -> bool:
+    """Whether --decode `decode` on `device` runs static_decode's loop rather than the eager one."""
+    return decode == "static" or (decode == "auto" and str(device).startswith("cuda"))
 
 
 def _cache_name(model) -> str:

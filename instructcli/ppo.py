@@ -18,6 +18,9 @@ from instructcli.config import PPOConfig, to_dict
 from instructcli.models import POLICY, REWARD, VALUE
 
 
+KEEP_LOGITS_BYTES = 1 << 30  # the most the sampling loop's logits may take to spare --stop-kl a policy forward
+
+
 class Rollout(NamedTuple):
     """One step's samples: each row's prompt and response ids, and the responses right-padded to (B, R)."""
 
@@ -81,14 +84,18 @@ def response_logprobs(nets: models.PPOModels, ro: Rollout, rows: list[int], pad_
 
 
 def logprobs_and_kl(nets: models.PPOModels, ro: Rollout, rows: list[int], pad_id: int, device: str,
-                    temperature: float, policy: bool, kl_temperature: float) -> tuple:
+                    temperature: float, policy: bool, kl_temperature: float,
+                    rollout_logits: torch.Tensor | None = None) -> tuple:
     """For rollout rows `rows`, from one forward through each model: the SFT model's log-probs of the response
     tokens at `temperature`; with `policy`, then the policy's log-probs and entropies (when the sampling loop
     did not give them); with `kl_temperature` > 0, last, the KL of the policy's next-token distributions from
-    the SFT model's at that temperature at each position (rlhf.tempered_kl: what --stop-kl reads)."""
+    the SFT model's at that temperature at each position (rlhf.tempered_kl: what --stop-kl reads), the policy's
+    taken from `rollout_logits` (the sampling loop's, (B, R, V)) when given, with no policy forward."""
     ref = response_logits(nets, ro, rows, pad_id, device, 1.0, reference=True)
     targets = ro.tokens[rows, :ref.shape[1]]
     out = (rlhf.logprobs_from_logits(ref / temperature, targets),)
+    if not policy and kl_temperature and rollout_logits is not None:
+        return out + (rlhf.tempered_kl(rollout_logits[rows, :ref.shape[1]], ref, kl_temperature),)
     if policy or kl_temperature:
         logits = response_logits(nets, ro, rows, pad_id, device, 1.0)
         if policy:
@@ -170,6 +177,11 @@ def train(cfg: PPOConfig) -> Path:
     # runs, recomputes them
     rollout_logprobs = cfg.old_logprobs == "rollout" or (
         cfg.old_logprobs == "auto" and mc.quant == "none" and models.torch_dtype(mc.dtype, device) == torch.float32)
+    # so too the logits --stop-kl reads the policy's distributions from (one policy forward a step fewer: about
+    # a tenth of a CPU step), where the eager loop samples and they take at most KEEP_LOGITS_BYTES
+    vocab = nets.lm.get_output_embeddings().weight.shape[0]
+    keep_logits = bool(rollout_logprobs and cfg.stop_kl and not generate.static(cfg.decode, device)
+                       and cfg.rollout_batch_size * cfg.max_new_tokens * vocab * 4 <= KEEP_LOGITS_BYTES)
     console.log(f"ppo: {len(queries)} prompts, {cfg.steps} steps of {cfg.rollout_batch_size} rollouts, "
                 f"{sum(p.numel() for p in params):,} trainable parameters (policy + value) on one {mc.quant} base "
                 f"on {device}; kl {cfg.kl}{f' -> target {cfg.target_kl}' if cfg.target_kl else ''}, "
@@ -205,8 +217,12 @@ def train(cfg: PPOConfig) -> Path:
             batch_q = [queries[i] for i in idx]
             nets.use(POLICY)
             out = generate.generate(nets.lm, tok, batch_q, 1, cfg.temperature, cfg.top_p, cfg.max_new_tokens, device,
-                                    logprobs=rollout_logprobs, decode=cfg.decode)
-            out, lp, ent = out if rollout_logprobs else (out, None, None)
+                                    logprobs=rollout_logprobs, decode=cfg.decode, keep_logits=keep_logits)
+            lp = ent = kept = None
+            if keep_logits:
+                out, lp, ent, kept = out
+            elif rollout_logprobs:
+                out, lp, ent = out
             ro = new_rollout(batch_q, [r[0] for r in out], pad_id, device)
             mask = ro.mask
             ended = torch.tensor([tokens.ended(tok, r) for r in ro.responses], device=device)
@@ -227,7 +243,8 @@ def train(cfg: PPOConfig) -> Path:
                 # the reference: the SFT model, which is the base itself with adapters off
                 stop_t = cfg.stop_kl_temperature if cfg.stop_kl else 0.0
                 outs = over_rollout(ro, chunk, lambda rows: logprobs_and_kl(
-                    nets, ro, rows, pad_id, device, cfg.temperature, not rollout_logprobs, stop_t))
+                    nets, ro, rows, pad_id, device, cfg.temperature, not rollout_logprobs, stop_t, kept))
+                del kept
                 ref_logprobs = outs[0]
                 logprobs, ent = (lp, ent) if rollout_logprobs else outs[1:3]
                 entropy = rlhf.masked_mean(ent, mask).item()
@@ -244,7 +261,9 @@ def train(cfg: PPOConfig) -> Path:
                 continue
             # the budget is checked before the update, so the policy saved is the one whose KL was measured
             if cfg.stop_kl:  # the same on every process: a mean over all rollouts
-                kl_history.append(parallel.mean((outs[-1] * mask).sum(1).mean().item())[0])
+                # (a KL is >= 0; the sampling loop's logits and the reference's forward differ by float noise,
+                # which at a KL near 0 can read as -1e-7)
+                kl_history.append(max(parallel.mean((outs[-1] * mask).sum(1).mean().item())[0], 0.0))
             stopping = rlhf.kl_budget_spent(kl_history, cfg.stop_kl)
 
             # 4. optimise: PPO epochs over mini-batches; policy (+ ptx) then value, one optimizer step each

@@ -130,6 +130,14 @@ def test_sampling_logprobs_equal_a_full_forward(lm, n):
         torch.testing.assert_close(ent[i, :k], want_ent[i, :k], atol=1e-5, rtol=1e-5)
         assert not lp[i, k:].any() and not ent[i, k:].any()
     assert (lp[:, 0] < 0).all() and (ent[:, 0] > 0).all()
+    # keep_logits (what ppo's --stop-kl reads instead of a policy forward): the same draws, and the full forward's
+    # logits at every position of each answer, zero past its end
+    torch.manual_seed(3)
+    out2, lp2, _, kept = generate.generate(m, t, prompts, n, 0.8, 0.9, 10, "cpu", logprobs=True, keep_logits=True)
+    assert out2 == out and torch.equal(lp2, lp) and kept.shape == (len(answers), max(lens), logits.shape[-1])
+    for i, k in enumerate(lens):
+        torch.testing.assert_close(kept[i, :k] / 0.8, logits[i, :k], atol=1e-4, rtol=1e-5)
+        assert not kept[i, k:].any()
 
 
 def test_decode_linears_compute_what_the_layers_do_and_are_undone(lm):

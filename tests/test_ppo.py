@@ -194,13 +194,23 @@ def test_reward_model_path_value_initialised_from_rm(setup, tiny_dir, tmp_path, 
     assert r.code == 2 and "--ptx-coef > 0 needs --ptx-data" in r.err
 
 
-def test_old_logprobs_from_the_sampling_loop_match_a_recompute(setup, tmp_path):
+def test_old_logprobs_from_the_sampling_loop_match_a_recompute(setup, tmp_path, monkeypatch):
     """--old-logprobs rollout (the sampling loop's) and recompute (a policy forward) on a float32 base: the same
     samples, so the same scores, KL and entropy, step after step; auto picks rollout here. The budget's KL
-    (--stop-kl, never reached here) comes from an extra policy forward with rollout, from the recompute's own
-    with recompute: the same figure either way."""
-    runs = {mode: metrics(ppo.train(cfg(setup, tmp_path / mode, steps=3, old_logprobs=mode, stop_kl=1e6)))
-            for mode in ("rollout", "recompute", "auto")}
+    (--stop-kl, never reached here) comes from the sampling loop's logits with rollout, with no policy forward
+    outside the update, and from the recompute's forward with recompute: the same figure either way."""
+    seen = []  # (mode, whether a policy forward ran without gradient, i.e. outside the update)
+    forward_logits = ppo.response_logits
+
+    def spy(*a, reference=False, **kw):
+        seen.append((mode, not reference and not torch.is_grad_enabled()))
+        return forward_logits(*a, reference=reference, **kw)
+
+    monkeypatch.setattr(ppo, "response_logits", spy)
+    runs = {}
+    for mode in ("rollout", "recompute", "auto"):
+        runs[mode] = metrics(ppo.train(cfg(setup, tmp_path / mode, steps=3, old_logprobs=mode, stop_kl=1e6)))
+    assert not any(nograd for m, nograd in seen if m != "recompute") and any(nograd for _, nograd in seen)
     for a, b, c in zip(runs["rollout"], runs["recompute"], runs["auto"]):
         assert a["response_len"] == b["response_len"] and a["score"] == b["score"]
         for k in ("kl", "entropy", "reward", "policy_loss", "kl_stop"):
