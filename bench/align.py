@@ -2,7 +2,7 @@
 
 As AlpacaFarm simulates labelers, a rule (bench/rules.py) stands in for people. For each rule, through the real
 CLI: sft -> sample K from SFT on the training prompts -> label --judge RULE --noise p -> rm -> ppo (plain, and
-PPO-ptx with --ptx) -> compare against SFT on held-out prompts, judged by the same rule without noise. The RM is
+PPO-ptx with --ptx, PPO-ptx alone with --ptx-only) -> compare against SFT on held-out prompts, judged by the same rule without noise. The RM is
 scored on fresh SFT samples of the held-out prompts (prompts it never saw), ranked by the rule. PPO only ever
 sees the RM, so the rule is a judge independent of what PPO optimised.
 
@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=0.1, help="adjacent swaps of the simulated labeler")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ptx", action="store_true", help="also PPO-ptx (--ptx-coef 27.8)")
+    ap.add_argument("--ptx-only", action="store_true", help="PPO-ptx in place of plain PPO (the chain a PPO-ptx "
+                    "user runs, timed as one)")
     ap.add_argument("--rm-args", default="", help="extra flags for instruct rm (defaults otherwise)")
     ap.add_argument("--ppo-args", default="", help="extra flags for instruct ppo (defaults otherwise)")
     ap.add_argument("--results", default="results.json", help="file in OUT the figures are written to")
@@ -157,8 +159,8 @@ def main() -> None:
                   *shlex.split(a.rm_args))
             timed("score", "score", d / "rm", fresh, "-o", d / "scored_heldout.jsonl", "-q")
         acc, pairs, n_prompts = rm_accuracy(d / "scored_heldout.jsonl", rule)
-        policies = {"ppo": []}
-        if a.ptx:
+        policies = {} if a.ptx_only else {"ppo": []}
+        if a.ptx or a.ptx_only:
             policies["ppo_ptx"] = ["--ptx-coef", 27.8, "--ptx-data", a.ptx_data]
         for pol, extra in policies.items():
             if done(d / pol):
