@@ -30,6 +30,7 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int, temperature: float
     `decode`: eager (this loop), static (static_decode: a static KV cache, its step a replayed CUDA graph on
     CUDA), auto (static on CUDA, eager elsewhere). Streaming (`on_token`) is always eager.
     """
+    assert logprobs or not keep_logits, "keep_logits comes with logprobs"
     if on_token is None and static(decode, device):
         assert not keep_logits, "keep_logits: the eager loop only"
         return static_decode.generate(model, tok, prompt_ids, n, temperature, top_p, max_new_tokens, device,

@@ -86,11 +86,12 @@ def response_logprobs(nets: models.PPOModels, ro: Rollout, rows: list[int], pad_
 def logprobs_and_kl(nets: models.PPOModels, ro: Rollout, rows: list[int], pad_id: int, device: str,
                     temperature: float, policy: bool, kl_temperature: float,
                     rollout_logits: torch.Tensor | None = None) -> tuple:
-    """For rollout rows `rows`, from one forward through each model: the SFT model's log-probs of the response
-    tokens at `temperature`; with `policy`, then the policy's log-probs and entropies (when the sampling loop
-    did not give them); with `kl_temperature` > 0, last, the KL of the policy's next-token distributions from
-    the SFT model's at that temperature at each position (rlhf.tempered_kl: what --stop-kl reads), the policy's
-    taken from `rollout_logits` (the sampling loop's, (B, R, V)) when given, with no policy forward."""
+    """For rollout rows `rows`, from one forward through the SFT model and at most one through the policy: the
+    SFT model's log-probs of the response tokens at `temperature`; with `policy`, then the policy's log-probs
+    and entropies (when the sampling loop did not give them); with `kl_temperature` > 0, last, the KL of the
+    policy's next-token distributions from the SFT model's at that temperature at each position
+    (rlhf.tempered_kl: what --stop-kl reads), the policy's read from `rollout_logits` (the sampling loop's,
+    (B, R, V)) when given and no policy forward is needed otherwise."""
     ref = response_logits(nets, ro, rows, pad_id, device, 1.0, reference=True)
     targets = ro.tokens[rows, :ref.shape[1]]
     out = (rlhf.logprobs_from_logits(ref / temperature, targets),)
@@ -175,13 +176,13 @@ def train(cfg: PPOConfig) -> Path:
     # old log-probs from the sampling loop save a forward per step; on a quantized or half-precision base,
     # cached decoding and a full forward differ by more than float noise, so there a full forward, as the update
     # runs, recomputes them
-    rollout_logprobs = cfg.old_logprobs == "rollout" or (
-        cfg.old_logprobs == "auto" and mc.quant == "none" and models.torch_dtype(mc.dtype, device) == torch.float32)
-    # so too the logits --stop-kl reads the policy's distributions from (one policy forward a step fewer: about
-    # a tenth of a CPU step), where the eager loop samples and they take at most KEEP_LOGITS_BYTES
-    vocab = nets.lm.get_output_embeddings().weight.shape[0]
-    keep_logits = bool(rollout_logprobs and cfg.stop_kl and not generate.static(cfg.decode, device)
-                       and cfg.rollout_batch_size * cfg.max_new_tokens * vocab * 4 <= KEEP_LOGITS_BYTES)
+    exact_loop = mc.quant == "none" and models.torch_dtype(mc.dtype, device) == torch.float32
+    rollout_logprobs = cfg.old_logprobs == "rollout" or (cfg.old_logprobs == "auto" and exact_loop)
+    # there too the policy's distributions --stop-kl reads are the sampling loop's logits (one policy forward a
+    # step fewer: a tenth of a CPU step), where the eager loop samples and they take at most KEEP_LOGITS_BYTES
+    keep_logits = bool(rollout_logprobs and exact_loop and cfg.stop_kl and not generate.static(cfg.decode, device)
+                       and cfg.rollout_batch_size * cfg.max_new_tokens * nets.lm.config.vocab_size * 4
+                       <= KEEP_LOGITS_BYTES)
     console.log(f"ppo: {len(queries)} prompts, {cfg.steps} steps of {cfg.rollout_batch_size} rollouts, "
                 f"{sum(p.numel() for p in params):,} trainable parameters (policy + value) on one {mc.quant} base "
                 f"on {device}; kl {cfg.kl}{f' -> target {cfg.target_kl}' if cfg.target_kl else ''}, "
@@ -231,6 +232,15 @@ def train(cfg: PPOConfig) -> Path:
             # 2. score; log-probs under policy (unless the sampling loop gave them) and reference; values
             t1 = time.time()
             with torch.no_grad():
+                # the reference: the SFT model, which is the base itself with adapters off (first, so the
+                # sampling loop's logits are freed before the RM's forwards)
+                stop_t = cfg.stop_kl_temperature if cfg.stop_kl else 0.0
+                outs = over_rollout(ro, chunk, lambda rows: logprobs_and_kl(
+                    nets, ro, rows, pad_id, device, cfg.temperature, not rollout_logprobs, stop_t, kept))
+                del kept
+                ref_logprobs = outs[0]
+                logprobs, ent = (lp, ent) if rollout_logprobs else outs[1:3]
+                entropy = rlhf.masked_mean(ent, mask).item()
                 if rule:
                     texts = [tok.decode(x, skip_special_tokens=True).strip() for x in ro.responses]
                     scores = torch.tensor([float(rule(prompts.records[i].prompt, t)) for i, t in zip(idx, texts)],
@@ -240,14 +250,6 @@ def train(cfg: PPOConfig) -> Path:
                 scores = scores - cfg.missing_eos_penalty * (~ended).float()
                 if cfg.reward_clip > 0:
                     scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-                # the reference: the SFT model, which is the base itself with adapters off
-                stop_t = cfg.stop_kl_temperature if cfg.stop_kl else 0.0
-                outs = over_rollout(ro, chunk, lambda rows: logprobs_and_kl(
-                    nets, ro, rows, pad_id, device, cfg.temperature, not rollout_logprobs, stop_t, kept))
-                del kept
-                ref_logprobs = outs[0]
-                logprobs, ent = (lp, ent) if rollout_logprobs else outs[1:3]
-                entropy = rlhf.masked_mean(ent, mask).item()
                 if rule:
                     values = over_rollout(ro, chunk, lambda rows: (response_values(nets, ro, rows, pad_id, device),))[0]
 
@@ -261,9 +263,10 @@ def train(cfg: PPOConfig) -> Path:
                 continue
             # the budget is checked before the update, so the policy saved is the one whose KL was measured
             if cfg.stop_kl:  # the same on every process: a mean over all rollouts
-                # (a KL is >= 0; the sampling loop's logits and the reference's forward differ by float noise,
-                # which at a KL near 0 can read as -1e-7)
-                kl_history.append(max(parallel.mean((outs[-1] * mask).sum(1).mean().item())[0], 0.0))
+                step_kl = parallel.mean((outs[-1] * mask).sum(1).mean().item())[0]
+                # a KL is >= 0, but the sampling loop's logits and a full forward differ by float noise, which at
+                # a KL near 0 (the first step) can read as -1e-7; anything more negative is left to show
+                kl_history.append(0.0 if -1e-4 < step_kl < 0 else step_kl)
             stopping = rlhf.kl_budget_spent(kl_history, cfg.stop_kl)
 
             # 4. optimise: PPO epochs over mini-batches; policy (+ ptx) then value, one optimizer step each

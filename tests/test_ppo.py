@@ -211,6 +211,13 @@ def test_old_logprobs_from_the_sampling_loop_match_a_recompute(setup, tmp_path, 
     for mode in ("rollout", "recompute", "auto"):
         runs[mode] = metrics(ppo.train(cfg(setup, tmp_path / mode, steps=3, old_logprobs=mode, stop_kl=1e6)))
     assert not any(nograd for m, nograd in seen if m != "recompute") and any(nograd for _, nograd in seen)
+    # logits over ppo.KEEP_LOGITS_BYTES are not kept: the budget's KL then comes from a policy forward, the same
+    seen.clear()
+    monkeypatch.setattr(ppo, "KEEP_LOGITS_BYTES", 0)
+    mode = "big"
+    big = metrics(ppo.train(cfg(setup, tmp_path / mode, steps=3, old_logprobs="rollout", stop_kl=1e6)))
+    assert any(nograd for _, nograd in seen)
+    assert [x["kl_stop"] for x in big] == pytest.approx([x["kl_stop"] for x in runs["rollout"]], abs=1e-4)
     for a, b, c in zip(runs["rollout"], runs["recompute"], runs["auto"]):
         assert a["response_len"] == b["response_len"] and a["score"] == b["score"]
         for k in ("kl", "entropy", "reward", "policy_loss", "kl_stop"):
