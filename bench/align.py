@@ -2,9 +2,9 @@
 
 As AlpacaFarm simulates labelers, a rule (bench/rules.py) stands in for people. For each rule, through the real
 CLI: sft -> sample K from SFT on the training prompts -> label --judge RULE --noise p -> rm -> ppo (plain, and
-PPO-ptx with --ptx, PPO-ptx alone with --ptx-only) -> compare against SFT on held-out prompts, judged by the same rule without noise. The RM is
-scored on fresh SFT samples of the held-out prompts (prompts it never saw), ranked by the rule. PPO only ever
-sees the RM, so the rule is a judge independent of what PPO optimised.
+PPO-ptx with --ptx, PPO-ptx alone with --ptx-only) -> compare against SFT on held-out prompts, judged by the
+same rule without noise. The RM is scored on fresh SFT samples of the held-out prompts (prompts it never saw),
+ranked by the rule. PPO only ever sees the RM, so the rule is a judge independent of what PPO optimised.
 
     python bench/align.py --rules concise,on_topic,warm --ptx -o runs/align
 
