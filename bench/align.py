@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from instructcli.stats import ratio_ci
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "bench" / "rules.py"
 
@@ -61,20 +63,17 @@ def rule_fn(name: str):
     return getattr(mod, name)
 
 
-def rm_accuracy(scored: Path, rule) -> tuple[float, int, int]:
+def rm_accuracy(scored: Path, rule) -> tuple[float, int, int, list[float]]:
     """Pairwise accuracy of the RM's scores against the rule's (noise-free) order on fresh samples: pairs the
-    rule does not tie. Returns (accuracy, pairs, prompts)."""
-    right = pairs = 0
+    rule does not tie. Returns (accuracy, pairs, prompts, bootstrap 95 % CI over the prompts)."""
+    right, pairs = [], []  # per prompt
     scored_rows = rows(scored)
     for r in scored_rows:
         truth = [rule(r["prompt"], x) for x in r["responses"]]
-        for i in range(len(truth)):
-            for j in range(i + 1, len(truth)):
-                if truth[i] == truth[j]:
-                    continue
-                pairs += 1
-                right += (truth[i] > truth[j]) == (r["scores"][i] > r["scores"][j])
-    return right / max(pairs, 1), pairs, len(scored_rows)
+        untied = [(i, j) for i in range(len(truth)) for j in range(i + 1, len(truth)) if truth[i] != truth[j]]
+        pairs.append(len(untied))
+        right.append(sum((truth[i] > truth[j]) == (r["scores"][i] > r["scores"][j]) for i, j in untied))
+    return sum(right) / max(sum(pairs), 1), sum(pairs), len(scored_rows), list(ratio_ci(right, pairs))
 
 
 def no_longer(answers: list[dict], base: str, other: str) -> tuple[float, int]:
@@ -158,7 +157,7 @@ def main() -> None:
             timed("rm", "rm", rankings, "--from", sft, "-o", d / "rm", "--seed", a.seed, "--overwrite", "-q",
                   *shlex.split(a.rm_args))
             timed("score", "score", d / "rm", fresh, "-o", d / "scored_heldout.jsonl", "-q")
-        acc, pairs, n_prompts = rm_accuracy(d / "scored_heldout.jsonl", rule)
+        acc, pairs, n_prompts, acc_ci = rm_accuracy(d / "scored_heldout.jsonl", rule)
         policies = {} if a.ptx_only else {"ppo": []}
         if a.ptx or a.ptx_only:
             policies["ppo_ptx"] = ["--ptx-coef", 27.8, "--ptx-data", a.ptx_data]
@@ -173,7 +172,8 @@ def main() -> None:
                                "-o", d / "compare.jsonl", "-q"))
         answers = rows(d / "compare.jsonl")
         words = {k: [len(r["responses"][k].split()) for r in answers] for k in answers[0]["responses"]}
-        res = {"rule": name, "rm_accuracy_fresh": acc, "rm_pairs": pairs, "rm_prompts": n_prompts,
+        res = {"rule": name, "rm_accuracy_fresh": acc, "rm_accuracy_ci95": acc_ci, "rm_pairs": pairs,
+               "rm_prompts": n_prompts,
                "rm_heldout_split": json.loads((d / "rm" / "instruct.json").read_text())["metrics"].get("eval_accuracy"),
                "sft_words": statistics.mean(words[str(sft)]), "policies": {}}
         for pol in policies:
@@ -202,13 +202,15 @@ def main() -> None:
                                                        "args": vars(a)}, indent=1))
     print(f"sft: held-out LM loss {sft_eval['lm']['loss']:.4f}, {sft_eval['answers']['response_len']:.1f} tokens, "
           f"no EOS {sft_eval['answers']['no_eos']:.2f}")
-    print("| rule | RM acc, fresh samples (pairs, prompts) | policy | win rate vs SFT by the rule [95% CI] "
+    print("| rule | RM acc, fresh samples [95% CI] (pairs, prompts) | policy | win rate vs SFT by the rule [95% CI] "
           "(W-T-L) | same, answers no longer than SFT's (prompts) | KL (nats) | tokens (no EOS) | words (SFT) | "
           "LM loss (SFT) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         for pol, p in r["policies"].items():
-            print(f"| {r['rule']} | {r['rm_accuracy_fresh']:.3f} ({r['rm_pairs']}, {r['rm_prompts']}) | {pol} | "
+            lo, hi = r["rm_accuracy_ci95"]
+            print(f"| {r['rule']} | {r['rm_accuracy_fresh']:.3f} [{lo:.3f}, {hi:.3f}] ({r['rm_pairs']}, "
+                  f"{r['rm_prompts']}) | {pol} | "
                   f"{p['win_rate']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}] ({p['wins']}-{p['ties']}-"
                   f"{p['losses']}) | {p['win_rate_not_longer']:.3f} ({p['prompts_not_longer']}) | "
                   f"{p['kl']:.2f} | {p['response_tokens']:.1f} ({p['no_eos']:.2f}) | "

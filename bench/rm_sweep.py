@@ -37,7 +37,7 @@ def main() -> None:
         ap.error(f"--extra {a.extra}: no such file")
     os.environ["HF_HUB_OFFLINE"] = "1"
     log, out = a.bench / "commands.sh", a.bench / "rm_sweep.jsonl"
-    print("| rule | rm flags | RM accuracy, fresh (pairs, prompts) | built-in split | seconds |")
+    print("| rule | rm flags | RM accuracy, fresh [95 % CI] (pairs, prompts) | built-in split | seconds |")
     print("|---|---|---|---|---|")
     for name in a.rules.split(","):
         rule, d = rule_fn(name), a.bench / name
@@ -54,14 +54,16 @@ def main() -> None:
             seconds = time.time() - t0
             scored = d / f"scored_sweep_{i}.jsonl"
             sh(log, "score", rm, a.bench / "samples_heldout.jsonl", "-o", scored, "-q")
-            acc, pairs, prompts = rm_accuracy(scored, rule)
+            acc, pairs, prompts, (lo, hi) = rm_accuracy(scored, rule)
             split = json.loads((rm / "instruct.json").read_text())["metrics"].get("eval_accuracy")
-            row = {"rule": name, "rm_flags": flags, "data": str(data), "rm_accuracy_fresh": acc, "pairs": pairs,
+            row = {"rule": name, "rm_flags": flags, "data": str(data), "rm_accuracy_fresh": acc,
+                   "rm_accuracy_ci95": [lo, hi], "pairs": pairs,
                    "prompts": prompts, "builtin_split": split, "rm_seconds": seconds, "rules": str(RULES)}
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             extra = f" + {a.extra.name}" if a.extra else ""
-            print(f"| {name} | `{flags or '(defaults)'}`{extra} | {acc:.3f} ({pairs}, {prompts}) | "
+            print(f"| {name} | `{flags or '(defaults)'}`{extra} | {acc:.3f} [{lo:.3f}, {hi:.3f}] ({pairs}, "
+                  f"{prompts}) | "
                   f"{'—' if split is None else f'{split:.3f}'} | {seconds:.0f} |", flush=True)
 
 

@@ -55,14 +55,26 @@ def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tens
     its C(K,2) ordered pairs of -log sigmoid(r_better - r_worse); then the mean over prompts, so each prompt is
     one batch element whatever its K. Returns (loss, pairwise accuracy, number of pairs).
     """
-    valid = ranks > 0
-    better = (ranks[:, :, None] < ranks[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-    diff = rewards[:, :, None] - rewards[:, None, :]
+    better, diff = _ordered_pairs(rewards, ranks)
     pairs = better.sum((1, 2))
     per_prompt = (-F.logsigmoid(diff) * better).sum((1, 2)) / pairs.clamp(min=1)
+    hits, _ = pair_hits(rewards, ranks)
     n = pairs.sum()
-    acc = ((diff > 0) & better).sum() / n.clamp(min=1)
-    return per_prompt[pairs > 0].mean(), acc, n
+    return per_prompt[pairs > 0].mean(), hits.sum() / n.clamp(min=1), n
+
+
+def pair_hits(rewards: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt (as ranking_loss's inputs): how many of its ordered pairs the rewards order as the ranks do
+    (the better one strictly higher), and how many ordered pairs it has; (B,), (B,)."""
+    better, diff = _ordered_pairs(rewards, ranks)
+    return ((diff > 0) & better).sum((1, 2)), better.sum((1, 2))
+
+
+def _ordered_pairs(rewards: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K, K): whether response i is ranked above response j (ties and padding make no pair), and r_i - r_j."""
+    valid = ranks > 0
+    better = (ranks[:, :, None] < ranks[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    return better, rewards[:, :, None] - rewards[:, None, :]
 
 
 # ------------------------------------------------------------------------------------------- sampling

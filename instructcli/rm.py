@@ -11,6 +11,7 @@ import torch
 from instructcli import batches, checkpoint, console, data, files, loop, models, parallel, rlhf, sources, tokens
 from instructcli.config import ModelConfig, RMConfig, to_dict
 from instructcli.errors import InstructError
+from instructcli.stats import ratio_ci
 
 
 def forward_groups(model, groups: list[list[list[int]]], starts: list[int], pad_id: int,
@@ -84,20 +85,25 @@ def train(cfg: RMConfig) -> Path:
     order = checkpoint.EpochOrder(len(train_set), t.seed)
 
     def evaluate() -> dict:
+        """Loss and pairwise accuracy on the held-out prompts, the accuracy with a bootstrap 95 % CI over them
+        (a prompt's pairs are drawn together): ten prompts give an interval too wide to steer by."""
         model.eval()
-        losses, correct, pairs = [], 0.0, 0
+        losses, per_prompt = [], []  # per_prompt: (pairs ordered right, pairs) of each held-out prompt
         with torch.no_grad():
             mine = parallel.strided(eval_set)
             for b in range(0, len(mine), t.batch_size):
                 chunk = mine[b:b + t.batch_size]
                 rewards, ranks = padded(forward_groups(model, [e[0] for e in chunk], [e[2] for e in chunk],
                                                        tok.pad_token_id, device), [e[1] for e in chunk])
-                loss, acc, n = rlhf.ranking_loss(rewards, ranks)
+                loss, _, _ = rlhf.ranking_loss(rewards, ranks)
                 losses.append(loss.item() * len(chunk))
-                correct, pairs = correct + acc.item() * n.item(), pairs + n.item()
+                per_prompt += zip(*(x.tolist() for x in rlhf.pair_hits(rewards, ranks)))
         model.train()
-        loss_sum, correct, pairs = parallel.sum_all(sum(losses), correct, pairs)
-        return {"eval_loss": loss_sum / len(eval_set), "eval_accuracy": correct / max(pairs, 1)}
+        (loss_sum,) = parallel.sum_all(sum(losses))
+        hits, pairs = zip(*parallel.gather(per_prompt))
+        lo, hi = ratio_ci(hits, pairs, seed=t.seed)
+        return {"eval_loss": loss_sum / len(eval_set), "eval_accuracy": sum(hits) / max(sum(pairs), 1),
+                "eval_accuracy_ci95_lo": lo, "eval_accuracy_ci95_hi": hi}  # two numbers: trackers plot them
 
     # 3. the loop
     model.train()
@@ -159,9 +165,15 @@ def train(cfg: RMConfig) -> Path:
     spread = raw_scores([(ids, start) for enc, _, start in train_set for ids in enc])
     model.bias = ref_scores.mean().item()
     model.scale = 1.0 / spread.std().item() if len(spread) > 1 and spread.std().item() > 1e-6 else 1.0
-    final = {k: last[k] for k in ("step", "loss", "accuracy", "eval_loss", "eval_accuracy") if k in last}
+    final = {k: last[k] for k in ("step", "loss", "accuracy", "eval_loss", "eval_accuracy", "eval_accuracy_ci95_lo",
+                                  "eval_accuracy_ci95_hi") if k in last}
     if eval_set and "eval_accuracy" not in final:
         final.update(evaluate())
+    if eval_set and not final["eval_accuracy_ci95_lo"] > 0.5:
+        lo, hi = final["eval_accuracy_ci95_lo"], final["eval_accuracy_ci95_hi"]
+        console.warn(f"rm: held-out accuracy {final['eval_accuracy']:.2f} [{lo:.2f}, {hi:.2f}] on {len(eval_set)} "
+                     f"prompts does not show the RM above chance (0.5): before PPO, check it on more held-out "
+                     f"prompts (--eval-frac, or instruct score on fresh samples) or give it more rankings")
     out = run.finish(model, tok, {
         "stage": "rm",
         **sources.lineage(source),

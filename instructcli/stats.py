@@ -20,6 +20,24 @@ def bootstrap_ci(values: list[float], n_boot: int = 10000, seed: int = 0, level:
     return float(lo), float(hi)
 
 
+def ratio_ci(hits: list[float], counts: list[float], n_boot: int = 10000, seed: int = 0,
+             level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of sum(hits) / sum(counts), resampling the (hits, count) groups whole: a
+    pairwise accuracy, whose pairs come in groups (one prompt's C(K,2)) that are not independent of each other,
+    so the prompts are what is drawn again. With equal counts it is bootstrap_ci of hits / count, draw for draw."""
+    import numpy as np
+
+    h, c = np.asarray(hits, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    h, c = h[c > 0], c[c > 0]  # a group without pairs (all tied) has nothing to draw
+    if h.size == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, h.size, (min(1000, n_boot - i), h.size)) for i in range(0, n_boot, 1000)]
+    ratios = np.concatenate([h[d].sum(1) / c[d].sum(1) for d in draws])
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def summarize(values: list[float], n_boot: int, seed: int) -> dict:
     """Mean, std, 95 % bootstrap CI of the mean, count."""
     n = len(values)

@@ -67,17 +67,20 @@ path, _, name = labeler.rpartition(":")
 spec = importlib.util.spec_from_file_location("labeler", path)
 mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
 judge = getattr(mod, name)
-right = pairs = 0
+from instructcli.stats import ratio_ci
+right = []  # one pair per held-out prompt the labeler does not tie: 1 if the RM orders it as the labeler does
 for line in open(f"{out}/rm_fresh.jsonl"):
     r = json.loads(line)
     (a, b), (sa, sb) = (judge(r["prompt"], x) for x in r["responses"]), r["scores"]
     if a != b:
-        pairs, right = pairs + 1, right + ((a > b) == (sa > sb))
+        right.append(int((a > b) == (sa > sb)))
+pairs, (lo, hi) = len(right), ratio_ci(right, [1] * len(right))
 summary = json.load(open(f"{out}/compare.json"))
 cmp, (sft_ans, ppo_ans) = summary["results"][0], summary["answers"]
 kl = ppo_ans["kl"]
 ppo = json.load(open(f"{out}/ppo/instruct.json"))["metrics"]
-print(f"rm accuracy on fresh answers to {summary['prompts']} unseen prompts (by the labeler): {right / max(pairs, 1):.3f} ({pairs} pairs)")
+print(f"rm accuracy on fresh answers to {summary['prompts']} unseen prompts (by the labeler): "
+      f"{sum(right) / max(pairs, 1):.3f} [{lo:.3f}, {hi:.3f}] ({pairs} pairs)")
 print(f"| {'':34} | SFT ({out}/sft) | PPO ({out}/ppo) |")
 print(f"|{'-' * 36}|---|---|")
 print(f"| {'win rate vs SFT, judged by ' + name:34} | — | {cmp['win_rate']:.3f} [{cmp['ci95'][0]:.3f}, {cmp['ci95'][1]:.3f}] "

@@ -40,7 +40,11 @@ def test_demo_script_on_the_embedded_model(tmp_path):
     kl = cmp["answers"][1]["kl"]  # the table's KL is compare's, of PPO's judged answers to its parent, the SFT
     assert Path(kl["reference"]).resolve() == (demo / "sft").resolve() and kl["n"] == 3
     assert f"| {kl['mean']:.2f} [{kl['ci95'][0]:.2f}, {kl['ci95'][1]:.2f}] |" in r.stdout
-    assert "rm accuracy on fresh answers to 3 unseen prompts" in r.stdout
+    acc = re.search(r"^rm accuracy on fresh answers to 3 unseen prompts \(by the labeler\): ([\d.]+) \[([\d.]+|nan), "
+                    r"([\d.]+|nan)\] \((\d) pairs\)$", r.stdout, re.M)
+    assert acc, r.stdout  # with its bootstrap CI over the prompts (nan when the labeler tied every pair)
+    if int(acc.group(4)):
+        assert float(acc.group(2)) <= float(acc.group(1)) <= float(acc.group(3))
     # each of the 6 stages' seconds follows its heading on stderr, and they add up to the total
     took = [int(s) for s in re.findall(r"^   \((\d+) s\)$", r.stderr, re.M)]
     total = int(re.search(r"^== done in (\d+) s$", r.stderr, re.M).group(1))

@@ -94,6 +94,16 @@ def test_ranking_loss_ties_and_padding():
     assert n.item() == 4 and loss.item() == pytest.approx((ls(1.0) + p2) / 2)
 
 
+def test_pair_hits_per_prompt_by_hand():
+    # prompt 1: ranks [2, 4, 1, 3], every better response scores higher: 6 of 6 pairs
+    # prompt 2: ranks [1, 2, 2, 0] (a tie, padding): pairs (0,1) right, (0,2) wrong; prompt 3: a tie of scores misses
+    hits, pairs = rlhf.pair_hits(torch.tensor([[0.5, -0.2, 1.5, 0.0], [2.0, 1.0, 3.0, 9.0], [1.0, 1.0, 0.0, 0.0]]),
+                                 torch.tensor([[2, 4, 1, 3], [1, 2, 2, 0], [1, 2, 0, 0]]))
+    assert hits.tolist() == [6, 1, 0] and pairs.tolist() == [6, 2, 1]
+    _, acc, n = rlhf.ranking_loss(torch.tensor([[2.0, 1.0, 3.0]]), torch.tensor([[1, 2, 2]]))
+    assert acc.item() == 0.5 and n.item() == 2
+
+
 def test_last_token_index_left_and_right_padding():
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
     assert rlhf.last_token_index(mask).tolist() == [2, 4, 4, 0]

@@ -46,6 +46,24 @@ def test_rm_learns_a_separable_preference(rm_dir):
     first_eval = next(x for x in m if "eval_accuracy" in x)
     assert m[-1]["eval_loss"] < first_eval["eval_loss"] or first_eval["eval_accuracy"] >= 0.8
     assert (out / "score_head.safetensors").exists() and (out / "adapter_model.safetensors").exists()
+    # the held-out accuracy comes with its bootstrap CI over the held-out prompts, in the manifest and the metrics
+    lo, hi = man["metrics"]["eval_accuracy_ci95_lo"], man["metrics"]["eval_accuracy_ci95_hi"]
+    assert 0.5 < lo <= man["metrics"]["eval_accuracy"] <= hi <= 1.0
+    assert (m[-1]["eval_accuracy_ci95_lo"], m[-1]["eval_accuracy_ci95_hi"]) == (lo, hi)
+
+
+def test_rm_warns_when_its_held_out_accuracy_does_not_clear_chance(cli, tiny_dir, tmp_path):
+    rows = comparisons(40)
+    for r in rows[::2]:  # half the rankings reversed: no preference to learn
+        r["ranks"] = [5 - x for x in r["ranks"]]
+    path = write_jsonl(tmp_path / "cmp.jsonl", rows)
+    r = cli("rm", path, "-m", tiny_dir, "-o", tmp_path / "rm", "--max-steps", 2, "-b", 4, "--eval-frac", 0.25, "-q")
+    assert r.code == 0, r
+    metrics = json.loads((tmp_path / "rm" / "instruct.json").read_text())["metrics"]
+    lo, hi = metrics["eval_accuracy_ci95_lo"], metrics["eval_accuracy_ci95_hi"]
+    assert lo <= 0.5 and lo <= metrics["eval_accuracy"] <= hi
+    assert f"held-out accuracy {metrics['eval_accuracy']:.2f} [{lo:.2f}, {hi:.2f}] on 10 prompts does not show" in r.err
+    assert "above chance" in r.err
 
 
 def test_normalisation_makes_the_reference_mean_zero(rm_dir):

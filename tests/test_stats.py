@@ -32,6 +32,21 @@ def test_bootstrap_is_stable_for_a_seed():
     assert a != b and abs(a[0] - b[0]) < 0.02 and abs(a[1] - b[1]) < 0.02
 
 
+def test_ratio_ci_with_equal_groups_is_the_bootstrap_of_their_shares():
+    hits, counts = [6, 5, 3, 6, 0, 4, 2, 6], [6] * 8
+    assert stats.ratio_ci(hits, counts, seed=2) == pytest.approx(stats.bootstrap_ci([h / 6 for h in hits], seed=2))
+
+
+def test_ratio_ci_weighs_each_group_by_its_pairs():
+    # groups (6 of 6) and (0 of 1): a draw of both is 6/7 (a mean of the two shares would be 1/2), with
+    # probability 1/2, between the draws of A twice (1) and B twice (0); the central 20 % of draws is that one value
+    assert stats.ratio_ci([6, 0], [6, 1], n_boot=4000, level=0.2) == pytest.approx((6 / 7, 6 / 7))
+    # a group with no pairs (all tied) is not drawn: it would add nothing but thin the others out
+    assert stats.ratio_ci([6, 0, 0], [6, 1, 0], n_boot=4000, level=0.2) == pytest.approx((6 / 7, 6 / 7))
+    assert stats.ratio_ci([5, 5], [5, 5]) == (1.0, 1.0)
+    assert all(math.isnan(x) for x in stats.ratio_ci([0], [0])) and all(math.isnan(x) for x in stats.ratio_ci([], []))
+
+
 def test_summarize_outcome_distinct_and_quantiles():
     s = stats.summarize([1.0, 2.0, 3.0, 4.0], 1000, 0)
     assert s["mean"] == 2.5 and s["std"] == pytest.approx(math.sqrt(5 / 3)) and s["n"] == 4
