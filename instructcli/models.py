@@ -330,10 +330,15 @@ def load_reward_model(spec: str, mc: ModelConfig, device: str, log=None):
 def reward_scores(model: RewardModel, tok, messages: list[dict], responses: list[str], max_len: int = 1024,
                   batch_size: int = 16, ended: list[bool] | None = None) -> list[float]:
     """Normalised RM scores of each response to one prompt (longer conversations keep their beginning);
-    `ended` says which responses ended on their own (None: all)."""
+    `ended` says which responses ended on their own (None: all). Identical responses (text and ending) are
+    scored once and share the score: on some CPUs two equal rows of one batch differ in the last bits by their
+    position, which would turn a tie between two models' equal answers into a win."""
     from instructcli import tokens
 
-    enc = tokens.encode_responses(tok, messages, responses, max_len, "truncate", tokens.OverflowStats(), "", ended)
+    keys = list(zip(responses, ended if ended is not None else [True] * len(responses)))
+    unique = list(dict.fromkeys(keys))
+    enc = tokens.encode_responses(tok, messages, [r for r, _ in unique], max_len, "truncate", tokens.OverflowStats(),
+                                  "", [e for _, e in unique])
     device = next(model.head.parameters()).device
     start = len(tokens.encode_prompt(tok, messages))
     scores: list[float] = []
@@ -342,7 +347,8 @@ def reward_scores(model: RewardModel, tok, messages: list[dict], responses: list
             batch = batches.collate_sequences(enc[b:b + batch_size], tok.pad_token_id)
             starts = torch.full((len(enc[b:b + batch_size]),), start, device=device)
             scores += model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device), starts).tolist()
-    return scores
+    by_key = dict(zip(unique, scores))
+    return [by_key[k] for k in keys]
 
 
 # ------------------------------------------------------------------------------ PPO: one shared base

@@ -93,6 +93,18 @@ def test_head_reads_the_last_real_token_under_left_and_right_padding(rm_dir):
             assert got == pytest.approx(alone, abs=1e-5), side
 
 
+def test_equal_responses_share_one_score(rm_dir, monkeypatch):
+    out, _ = rm_dir
+    model, tok, _ = models.load_reward_model(str(out), ModelConfig(), "cpu")
+    real = model.score
+    # as on CPUs whose kernels round a batch's rows by their position: equal rows differ in the last bits
+    monkeypatch.setattr(model, "score", lambda ids, attn, starts: real(ids, attn, starts) + 1e-6 * torch.arange(len(ids)))
+    s = models.reward_scores(model, tok, [{"role": "user", "content": "Question?"}],
+                             ["yes yes sun", "sun tree river", "yes yes sun", "yes yes sun"], ended=[True, True, True, False])
+    assert s[0] == s[2]  # the same answer, the same score: two models' equal answers tie
+    assert s[3] != s[0] and s[0] > s[1]  # cut off, it reads differently; more "yes" scores higher
+
+
 def test_score_adds_one_normalised_score_per_response(cli, rm_dir, tmp_path):
     out, _ = rm_dir
     samples = write_jsonl(tmp_path / "s.jsonl", [
