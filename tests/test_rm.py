@@ -98,9 +98,11 @@ def test_equal_responses_share_one_score(rm_dir, monkeypatch):
     model, tok, _ = models.load_reward_model(str(out), ModelConfig(), "cpu")
     real = model.score
     # as on CPUs whose kernels round a batch's rows by their position: equal rows differ in the last bits
-    monkeypatch.setattr(model, "score", lambda ids, attn, starts: real(ids, attn, starts) + 1e-6 * torch.arange(len(ids)))
+    monkeypatch.setattr(model, "score",
+                        lambda ids, attn, starts: real(ids, attn, starts) + 1e-6 * torch.arange(len(ids)))
     s = models.reward_scores(model, tok, [{"role": "user", "content": "Question?"}],
-                             ["yes yes sun", "sun tree river", "yes yes sun", "yes yes sun"], ended=[True, True, True, False])
+                             ["yes yes sun", "sun tree river", "yes yes sun", "yes yes sun"],
+                             ended=[True, True, True, False])
     assert s[0] == s[2]  # the same answer, the same score: two models' equal answers tie
     assert s[3] != s[0] and s[0] > s[1]  # cut off, it reads differently; more "yes" scores higher
 
