@@ -56,9 +56,8 @@ def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tens
     one batch element whatever its K. Returns (loss, pairwise accuracy, number of pairs).
     """
     better, diff = _ordered_pairs(rewards, ranks)
-    pairs = better.sum((1, 2))
+    hits, pairs = _hits(better, diff)
     per_prompt = (-F.logsigmoid(diff) * better).sum((1, 2)) / pairs.clamp(min=1)
-    hits, _ = pair_hits(rewards, ranks)
     n = pairs.sum()
     return per_prompt[pairs > 0].mean(), hits.sum() / n.clamp(min=1), n
 
@@ -66,8 +65,7 @@ def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tens
 def pair_hits(rewards: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per prompt (as ranking_loss's inputs): how many of its ordered pairs the rewards order as the ranks do
     (the better one strictly higher), and how many ordered pairs it has; (B,), (B,)."""
-    better, diff = _ordered_pairs(rewards, ranks)
-    return ((diff > 0) & better).sum((1, 2)), better.sum((1, 2))
+    return _hits(*_ordered_pairs(rewards, ranks))
 
 
 def _ordered_pairs(rewards: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +73,10 @@ def _ordered_pairs(rewards: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Te
     valid = ranks > 0
     better = (ranks[:, :, None] < ranks[:, None, :]) & valid[:, :, None] & valid[:, None, :]
     return better, rewards[:, :, None] - rewards[:, None, :]
+
+
+def _hits(better: torch.Tensor, diff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return ((diff > 0) & better).sum((1, 2)), better.sum((1, 2))
 
 
 # ------------------------------------------------------------------------------------------- sampling
