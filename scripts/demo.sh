@@ -67,14 +67,14 @@ path, _, name = labeler.rpartition(":")
 spec = importlib.util.spec_from_file_location("labeler", path)
 mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
 judge = getattr(mod, name)
-from instructcli.stats import ratio_ci
+from instructcli.stats import bootstrap_ci
 right = []  # one pair per held-out prompt the labeler does not tie: 1 if the RM orders it as the labeler does
 for line in open(f"{out}/rm_fresh.jsonl"):
     r = json.loads(line)
     (a, b), (sa, sb) = (judge(r["prompt"], x) for x in r["responses"]), r["scores"]
     if a != b:
         right.append(int((a > b) == (sa > sb)))
-pairs, (lo, hi) = len(right), ratio_ci(right, [1] * len(right))
+pairs, (lo, hi) = len(right), bootstrap_ci(right)  # one pair a prompt: the plain bootstrap over prompts
 summary = json.load(open(f"{out}/compare.json"))
 cmp, (sft_ans, ppo_ans) = summary["results"][0], summary["answers"]
 kl = ppo_ans["kl"]
