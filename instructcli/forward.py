@@ -4,6 +4,7 @@ layers), logits on a slice or at the labelled positions, the LM loss, response l
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 
@@ -46,15 +47,90 @@ def logits_from(model, ids, attention_mask, position_ids, start: int) -> torch.T
     return model.get_output_embeddings()(hidden[:, start:].contiguous())
 
 
-def hidden_states(model, input_ids, attention_mask, position_ids=None, layers: int = 0) -> torch.Tensor:
+def hidden_states(model, input_ids, attention_mask, position_ids=None, layers: int = 0,
+                  adapter_names: list[str] | None = None) -> torch.Tensor:
     """The decoder's last hidden states of a causal LM (PEFT-wrapped or not; its active adapters apply), with
     no KV cache: for the heads that run only where they are needed (LM head, score head, value head).
-    `layers` > 0: the states after that many decoder layers (then the final norm); the layers above never run."""
+    `layers` > 0: the states after that many decoder layers (then the final norm); the layers above never run.
+    `adapter_names`: one peft adapter per row (a mixed-adapter batch).
+
+    Where every row begins with the same tokens at the same positions (a chat template's system prompt: 24 of
+    a SmolLM2 prompt's ~62 tokens), that prefix runs once per adapter and the rows attend to its keys and values
+    (shared_prefix): the same hidden states, gradients included, for a fifth less arithmetic."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder()
+    # without position ids the decoder numbers the columns from 0: made explicit so a prefix can be checked
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids) if position_ids is None \
+        else position_ids
+    k = shared_prefix(input_ids, attention_mask, pos) if _cacheable(base) else 0
+
+    def run(names, **kw):
+        hooks = model._enable_peft_forward_hooks(adapter_names=names) if names else contextlib.nullcontext()
+        with hooks:
+            return decoder(**kw).last_hidden_state
+
     with _first_layers(decoder, layers):
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).last_hidden_state
+        if not k:
+            return run(adapter_names, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False)
+        b, t = input_ids.shape
+        first = attention_mask.long().argmax(1)
+        in_prefix = torch.zeros_like(attention_mask, dtype=torch.bool)
+        in_prefix[torch.arange(b, device=first.device)[:, None], first[:, None] + torch.arange(k, device=first.device)] = True
+        # the prefix once per distinct adapter; each row then reads its adapter's copy from the cache
+        names = list(dict.fromkeys(adapter_names)) if adapter_names else None
+        which = torch.tensor([names.index(n) for n in adapter_names] if names else [0] * b, device=first.device)
+        rows = len(names) if names else 1
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=base.config)
+        head = run(names, input_ids=input_ids[0][in_prefix[0]].expand(rows, k),
+                   attention_mask=attention_mask.new_ones(rows, k), position_ids=pos[0][in_prefix[0]].expand(rows, k),
+                   use_cache=True, **{_cache_kw(decoder): cache})
+        cache.batch_select_indices(which)
+        keep = ~in_prefix
+        tail = run(adapter_names, input_ids=input_ids[keep].view(b, t - k),
+                   attention_mask=torch.cat([attention_mask.new_ones(b, k), attention_mask[keep].view(b, t - k)], 1),
+                   position_ids=pos[keep].view(b, t - k), use_cache=True, **{_cache_kw(decoder): cache})
+        out = tail.new_zeros(b, t, tail.shape[-1])
+        out[keep] = tail.reshape(-1, tail.shape[-1])
+        out[in_prefix] = head[which].reshape(-1, head.shape[-1])
+        return out
+
+
+PREFIX_MIN = 8  # a shorter shared prefix does not pay for the second decoder call
+
+
+def shared_prefix(ids, attention_mask, position_ids) -> int:
+    """How many leading real tokens all rows share: the same tokens at the same positions, starting at each row's
+    first real column (prompts may be left-padded), leaving each row at least one token of its own. 0 when fewer
+    than PREFIX_MIN, or for a single row."""
+    b = ids.shape[0]
+    if b < 2:
+        return 0
+    limit = int(attention_mask.sum(1).min()) - 1
+    if limit < PREFIX_MIN:
+        return 0
+    first = attention_mask.long().argmax(1)
+    cols = first[:, None] + torch.arange(limit, device=ids.device)
+    toks, pos, real = (x.gather(1, cols) for x in (ids, position_ids, attention_mask))
+    same = (toks == toks[:1]).all(0) & (pos == pos[:1]).all(0) & (real != 0).all(0)
+    k = int(same.long().cumprod(0).sum())
+    return k if k >= PREFIX_MIN else 0
+
+
+def _cacheable(base) -> bool:
+    """Decoders known to take a DynamicCache the standard way (the PLAIN_LM_HEAD families), and not
+    checkpointing activations (which turns the cache off in training)."""
+    checkpointing = getattr(base, "is_activation_checkpointing", None)  # the name from transformers 5.2x
+    if checkpointing is None:
+        checkpointing = getattr(base, "is_gradient_checkpointing", False)
+    return getattr(base.config, "model_type", None) in PLAIN_LM_HEAD and not checkpointing
+
+
+def _cache_kw(decoder) -> str:
+    """The decoder's name for a KV cache argument: `cache` from transformers 5.25, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 @contextlib.contextmanager

@@ -64,10 +64,12 @@ def response_values(nets: models.PPOModels, ro: Rollout, rows: list[int], pad_id
     return values_from(nets, state_features(nets, ids, attn, pos, start), start)
 
 
-def state_features(nets: models.PPOModels, ids, attn, pos, start: int) -> torch.Tensor:
+def state_features(nets: models.PPOModels, ids, attn, pos, start: int,
+                   adapter_names: list[str] | None = None) -> torch.Tensor:
     """What the reward and value heads read at every position of a collated rollout (responses from column
-    `start`): forward.score_features after the RM's layers, through whichever adapter is active."""
-    h = forward.hidden_states(nets.lm, ids, attn, pos, layers=nets.layers).float()
+    `start`): forward.score_features after the RM's layers, through whichever adapter is active (or, with
+    `adapter_names`, each row's own)."""
+    h = forward.hidden_states(nets.lm, ids, attn, pos, layers=nets.layers, adapter_names=adapter_names).float()
     return forward.score_features(h, attn, torch.full((len(ids),), start, device=ids.device), nets.pool)
 
 
@@ -134,8 +136,8 @@ def rm_scores_and_values(nets: models.PPOModels, ro: Rollout, pad_id: int, chunk
         ids, attn, pos, start = batches.collate_rollout([ro.queries[i] for i in rows],
                                                         [ro.responses[i] for i in rows], pad_id, device)
         n = len(rows)
-        with nets.lm._enable_peft_forward_hooks(adapter_names=[REWARD] * n + [VALUE] * n):
-            feats = state_features(nets, ids.repeat(2, 1), attn.repeat(2, 1), pos.repeat(2, 1), start)
+        feats = state_features(nets, ids.repeat(2, 1), attn.repeat(2, 1), pos.repeat(2, 1), start,
+                               adapter_names=[REWARD] * n + [VALUE] * n)
         scores[rows] = nets.reward.normalise(nets.reward.read(feats[:n], attn))
         v = values_from(nets, feats[n:], start)
         values[rows, :v.shape[1]] = v
