@@ -26,16 +26,21 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def lora_model(name: str):
+    """`name` (the embedded model by default) with a fresh LoRA adapter and no dropout, on CPU, as sft and ppo
+    train it; and its tokenizer. Seeded, so the adapter is the same each run."""
+    torch.manual_seed(0)
+    src = sources.resolve(name)
+    return models.load_tokenizer(src), models.trainable_model(src, ModelConfig(lora_dropout=0.0), "cpu")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
-    torch.manual_seed(0)
-    src = sources.resolve(a.model)
-    tok = models.load_tokenizer(src)
-    model = models.trainable_model(src, ModelConfig(lora_dropout=0.0), "cpu")
+    tok, model = lora_model(a.model)
     model.config.use_cache = False
     rows = data.load("data_samples/demonstrations.jsonl", "demonstrations").records[:a.batch]
     batch = batches.collate([tokens.encode_demonstration(tok, r.messages) for r in rows], tok.pad_token_id)

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from instructcli import batches, data, forward, models, rlhf, sources, tokens
-from instructcli.config import ModelConfig
+from instructcli import batches, data, forward, rlhf, tokens
+from lm_head import lora_model  # bench/, on the path as the script's own folder
 
 
 def main() -> None:
@@ -28,10 +28,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
-    torch.manual_seed(0)
-    src = sources.resolve(a.model)
-    tok = models.load_tokenizer(src)
-    model = models.trainable_model(src, ModelConfig(lora_dropout=0.0), "cpu")
+    tok, model = lora_model(a.model)
     model.eval()
     prompts = data.load("data_samples/prompts.jsonl", "prompts")
     queries, _ = tokens.encode_prompts(tok, prompts, 256)
