@@ -74,24 +74,25 @@ def hidden_states(model, input_ids, attention_mask, position_ids=None, layers: i
             return run(adapter_names, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False)
         b, t = input_ids.shape
-        first = attention_mask.long().argmax(1)
+        cols = _prefix_columns(attention_mask, k)
         in_prefix = torch.zeros_like(attention_mask, dtype=torch.bool)
-        in_prefix[torch.arange(b, device=first.device)[:, None], first[:, None] + torch.arange(k, device=first.device)] = True
+        in_prefix[torch.arange(b, device=cols.device)[:, None], cols] = True
         # the prefix once per distinct adapter; each row then reads its adapter's copy from the cache
         names = list(dict.fromkeys(adapter_names)) if adapter_names else None
-        which = torch.tensor([names.index(n) for n in adapter_names] if names else [0] * b, device=first.device)
+        which = torch.tensor([names.index(n) for n in adapter_names] if names else [0] * b, device=cols.device)
         rows = len(names) if names else 1
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=base.config)
-        head = run(names, input_ids=input_ids[0][in_prefix[0]].expand(rows, k),
-                   attention_mask=attention_mask.new_ones(rows, k), position_ids=pos[0][in_prefix[0]].expand(rows, k),
-                   use_cache=True, **{_cache_kw(decoder): cache})
-        cache.batch_select_indices(which)
+        kv = DynamicCache(config=base.config)
+        cache = {_cache_kw(decoder): kv}  # the argument's name looked up once for both calls
+        head = run(names, input_ids=input_ids[0, cols[0]].expand(rows, k),
+                   attention_mask=attention_mask.new_ones(rows, k), position_ids=pos[0, cols[0]].expand(rows, k),
+                   use_cache=True, **cache)
+        kv.batch_select_indices(which)
         keep = ~in_prefix
         tail = run(adapter_names, input_ids=input_ids[keep].view(b, t - k),
                    attention_mask=torch.cat([attention_mask.new_ones(b, k), attention_mask[keep].view(b, t - k)], 1),
-                   position_ids=pos[keep].view(b, t - k), use_cache=True, **{_cache_kw(decoder): cache})
+                   position_ids=pos[keep].view(b, t - k), use_cache=True, **cache)
         out = tail.new_zeros(b, t, tail.shape[-1])
         out[keep] = tail.reshape(-1, tail.shape[-1])
         out[in_prefix] = head[which].reshape(-1, head.shape[-1])
@@ -111,12 +112,18 @@ def shared_prefix(ids, attention_mask, position_ids) -> int:
     limit = int(attention_mask.sum(1).min()) - 1
     if limit < PREFIX_MIN:
         return 0
-    first = attention_mask.long().argmax(1)
-    cols = first[:, None] + torch.arange(limit, device=ids.device)
+    cols = _prefix_columns(attention_mask, limit)
     toks, pos, real = (x.gather(1, cols) for x in (ids, position_ids, attention_mask))
     same = (toks == toks[:1]).all(0) & (pos == pos[:1]).all(0) & (real != 0).all(0)
     k = int(same.long().cumprod(0).sum())
     return k if k >= PREFIX_MIN else 0
+
+
+def _prefix_columns(attention_mask, n: int) -> torch.Tensor:
+    """(B, n): the columns of each row's first n real tokens (real tokens are contiguous; prompts may be
+    left-padded)."""
+    first = attention_mask.long().argmax(1)
+    return first[:, None] + torch.arange(n, device=attention_mask.device)
 
 
 def _cacheable(base) -> bool:
